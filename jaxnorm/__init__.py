@@ -1,0 +1,35 @@
+"""jaxnorm: normalization layers for JAX and Flax, from one functional core.
+
+Every normalization is ``normalize`` over a choice of reduction axes (see DESIGN.md).
+Flax modules live in ``jaxnorm.linen`` and ``jaxnorm.nnx``.
+"""
+
+from jaxnorm.fold import fold_batch_norm
+from jaxnorm.functional import (
+    adaptive_instance_norm,
+    batch_norm,
+    batch_norm_inference,
+    group_norm,
+    instance_norm,
+    layer_norm,
+    local_response_norm,
+    normalize,
+    rms_norm,
+)
+from jaxnorm.stats import moments
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "adaptive_instance_norm",
+    "batch_norm",
+    "batch_norm_inference",
+    "fold_batch_norm",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "local_response_norm",
+    "moments",
+    "normalize",
+    "rms_norm",
+]

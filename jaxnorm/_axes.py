@@ -1,0 +1,94 @@
+"""Axis canonicalisation and argument validation: every clear error the library raises."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Axes = int | Sequence[int]
+
+
+def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
+    """Returns ``axes`` as sorted non-negative ints; raises ``ValueError`` naming ``name``."""
+    raw = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+    canonical = []
+    for axis in raw:
+        if not isinstance(axis, (int, np.integer)):
+            raise ValueError(f"{name} must contain ints, got {axis!r} in {axes!r}")
+        if not -ndim <= axis < ndim:
+            raise ValueError(
+                f"{name}={axes!r} is out of range for an input with {ndim} dimensions"
+            )
+        canonical.append(int(axis) % ndim)
+    if len(set(canonical)) != len(canonical):
+        raise ValueError(f"{name}={axes!r} contains duplicate axes")
+    return tuple(sorted(canonical))
+
+
+def complement_axes(ndim: int, *excluded: Sequence[int]) -> tuple[int, ...]:
+    """The axes of an ``ndim``-dimensional array not in any of ``excluded``."""
+    skip = {a for group in excluded for a in group}
+    return tuple(a for a in range(ndim) if a not in skip)
+
+
+def check_floating(x: Any, name: str = "x") -> jax.Array:
+    """Returns ``x`` as an array; raises ``TypeError`` unless its dtype is floating."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    return x
+
+
+def check_eps(eps: Any, name: str = "eps") -> None:
+    """Raises ``ValueError`` for a concrete negative ``eps`` (tracers pass unchecked)."""
+    if isinstance(eps, jax.core.Tracer):
+        return
+    if np.any(np.asarray(eps) < 0):
+        raise ValueError(f"{name} must be non-negative, got {eps!r}")
+
+
+def check_shape(value: Any, expected: tuple[int, ...], name: str) -> jax.Array | None:
+    """Returns ``value`` as an array after checking its shape equals ``expected``."""
+    if value is None:
+        return None
+    value = jnp.asarray(value)
+    if value.shape != tuple(expected):
+        raise ValueError(
+            f"{name} has shape {value.shape} but the feature shape is {tuple(expected)}"
+        )
+    return value
+
+
+def broadcast_mask(mask: Any, shape: tuple[int, ...], name: str = "mask") -> jax.Array | None:
+    """Returns ``mask`` as a boolean array of ``shape``; ``ValueError`` if it does not broadcast."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    try:
+        np.broadcast_shapes(mask.shape, shape)
+    except ValueError:
+        raise ValueError(
+            f"{name} of shape {mask.shape} is not broadcastable to the input shape {shape}"
+        ) from None
+    if np.broadcast_shapes(mask.shape, shape) != tuple(shape):
+        raise ValueError(
+            f"{name} of shape {mask.shape} would broadcast the input shape {shape} to a larger one"
+        )
+    return jnp.broadcast_to(mask.astype(bool), shape)
+
+
+def feature_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of per-feature parameters: ``tuple(shape[a] for a in feature_axes)``."""
+    return tuple(shape[a] for a in feature_axes)
+
+
+def expand_to_rank(value: jax.Array, ndim: int, axes: tuple[int, ...]) -> jax.Array:
+    """Reshapes a feature-shaped ``value`` so it broadcasts against an ``ndim`` array on ``axes``."""
+    shape = [1] * ndim
+    for axis, size in zip(axes, value.shape, strict=True):
+        shape[axis] = size
+    return value.reshape(shape)

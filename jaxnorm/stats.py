@@ -1,0 +1,119 @@
+r"""Moments: stable, mask-aware, count-weighted across devices.
+
+The one place in jaxnorm where statistics are computed. For a reduction set :math:`S`
+with weights :math:`w_i \in \{0, 1\}` (the mask),
+
+.. math::
+    n = \sum_{i \in S} w_i,\quad
+    \mu = s + \frac{1}{n}\sum w_i (x_i - s),\quad
+    \sigma^2 = \frac{1}{n}\sum w_i (x_i - s)^2 - (\mu - s)^2,
+
+where the shift :math:`s` is one element of the data (the first one, or the largest
+unmasked one under a mask). Shifting by a value near the mean removes the cancellation of
+the textbook :math:`E[x^2]-E[x]^2` (Chan, Golub & LeVeque 1983) while both sums still fuse
+into a single pass over ``x``; a constant input gives exactly zero variance.
+
+Across a mapped axis the shift is agreed first (``pmax``), then the sums and counts are
+added (``psum``): the result is the statistics of the concatenated batch, exact when
+devices hold different numbers of unmasked elements.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxnorm._axes import Axes, broadcast_mask, canonicalize_axes, check_floating
+
+
+def statistics_dtype(dtype: Any) -> jnp.dtype:
+    """At least float32: half precision inputs reduce in float32, float64 stays float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _shift(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None,
+    axis_name: Any,
+    axis_index_groups: Any,
+) -> jax.Array:
+    """A data value near the mean of each reduction set (keepdims), without gradient."""
+    if mask is None:
+        first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
+        shift = x[first]
+    else:
+        shift = jnp.max(jnp.where(mask, x, -jnp.inf), axis=axes, keepdims=True)
+    if axis_name is not None:
+        shift = lax.pmax(shift, axis_name, axis_index_groups=axis_index_groups)
+    if mask is not None:
+        shift = jnp.where(jnp.isfinite(shift), shift, 0)
+    return lax.stop_gradient(shift)
+
+
+def moments(
+    x: jax.Array,
+    axes: Axes,
+    *,
+    mask: jax.Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    keepdims: bool = False,
+    centered: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    r"""Mean and biased variance of ``x`` over ``axes``, in at least float32.
+
+    Args:
+      x: floating input.
+      axes: the reduction axes.
+      mask: boolean, broadcastable to ``x``; ``False`` elements do not count. A fully
+        masked reduction set gives mean = its shift, var = 0 (finite, never NaN).
+      axis_name: combine with the other members of this mapped axis (pmap, shard_map,
+        vmap), weighted by their element counts.
+      axis_index_groups: optional groups within ``axis_name`` (as in ``lax.psum``).
+      keepdims: keep the reduced axes with size one.
+      centered: if False, return mean = 0 and var = :math:`E[x^2]` (RMSNorm's statistic).
+
+    Returns:
+      ``(mean, var)`` with the population (biased) variance.
+    """
+    x = check_floating(x)
+    axes = canonicalize_axes(axes, x.ndim, "axes")
+    mask = broadcast_mask(mask, x.shape)
+    x = x.astype(statistics_dtype(x.dtype))
+
+    if centered:
+        shift = _shift(x, axes, mask, axis_name, axis_index_groups)
+        deviation = x - shift
+    else:
+        shift = None
+        deviation = x
+    if mask is None:
+        count = jnp.asarray(math.prod(x.shape[a] for a in axes), x.dtype)
+    else:
+        deviation = jnp.where(mask, deviation, 0)
+        count = jnp.sum(mask, axis=axes, keepdims=True, dtype=x.dtype)
+    first = jnp.sum(deviation, axis=axes, keepdims=True)
+    second = jnp.sum(deviation * deviation, axis=axes, keepdims=True)
+    if axis_name is not None:
+        count, first, second = lax.psum(
+            (count, first, second), axis_name, axis_index_groups=axis_index_groups
+        )
+
+    safe_count = jnp.maximum(count, 1)
+    mean_square = second / safe_count
+    if centered:
+        mean_deviation = first / safe_count
+        mean = shift + mean_deviation
+        var = jnp.maximum(mean_square - mean_deviation * mean_deviation, 0)
+    else:
+        mean = jnp.zeros_like(mean_square)
+        var = mean_square
+    if not keepdims:
+        mean = jnp.squeeze(mean, axes)
+        var = jnp.squeeze(var, axes)
+    return mean, var
