@@ -18,7 +18,7 @@ def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
     canonical = []
     for axis in raw:
         if not isinstance(axis, (int, np.integer)):
-            raise ValueError(f"{name} must contain ints, got {axis!r} in {axes!r}")
+            raise TypeError(f"{name} must contain ints, got {axis!r} in {axes!r}")
         if not -ndim <= axis < ndim:
             raise ValueError(
                 f"{name}={axes!r} is out of range for an input with {ndim} dimensions"
