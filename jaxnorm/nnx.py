@@ -1,0 +1,496 @@
+"""Flax NNX normalization modules, thin over jaxnorm's functional core.
+
+The same set as :mod:`jaxnorm.linen`, in ``flax.nnx`` style and drop-in for the
+``flax.nnx`` classes of the same name: constructors take ``num_features`` and ``rngs``;
+``scale``/``bias`` are ``nnx.Param``; running statistics are ``nnx.BatchStat`` variables
+``mean`` and ``var`` (and ``count`` with ``momentum=None``); ``model.train()`` /
+``model.eval()`` (or ``nnx.view``) toggle ``use_running_average``. The statistics math is
+shared with Linen in :mod:`jaxnorm.running`; see :mod:`jaxnorm.linen` for how the
+statistics differ from Flax's (``use_fast_variance`` is accepted for compatibility).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.module import first_from
+from flax.nnx.nn import dtypes
+from flax.typing import Dtype, Initializer
+
+from jaxnorm._axes import Axes, canonicalize_axes, complement_axes
+from jaxnorm.functional import (
+    adaptive_instance_norm,
+    batch_norm_inference,
+    local_response_norm,
+    normalize,
+    resolve_num_groups,
+)
+from jaxnorm.running import (
+    RunningStatistics,
+    batch_norm_train,
+    conditional_instance_norm,
+    group_normalize,
+    update_running_statistics,
+)
+
+Array = jax.Array
+PromoteDtypeFn = Any
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+
+
+def _param(
+    use: bool,
+    init: Initializer,
+    shape: tuple[int, ...],
+    param_dtype: Dtype,
+    rngs: nnx.Rngs,
+    metadata: Mapping[str, Any],
+) -> nnx.Param | None:
+    """An ``nnx.Param`` initialised as Flax NNX does, or an empty slot when unused."""
+    if not use:
+        return nnx.data(None)
+    return nnx.Param(init(rngs.params(), shape, param_dtype), **metadata)
+
+
+def _value(variable: nnx.Variable | None) -> Array | None:
+    return None if variable is None else variable[...]
+
+
+def _shape(num_features: int | Sequence[int]) -> tuple[int, ...]:
+    return (num_features,) if isinstance(num_features, int) else tuple(num_features)
+
+
+class BatchNorm(nnx.Module):
+    """Batch normalization (Ioffe & Szegedy 2015), a drop-in for ``flax.nnx.BatchNorm``.
+
+    Training (``use_running_average=False``, ``model.train()``): batch statistics over
+    every axis except ``axis``; ``mean``/``var`` follow ``ra = momentum * ra +
+    (1 - momentum) * batch``. Evaluation (``model.eval()``) uses them. Beyond Flax:
+    ``unbiased_running_var`` (PyTorch's ``n/(n-1)`` convention), ``momentum=None`` (exact
+    cumulative average with a ``count`` BatchStat) and ``virtual_batch_size`` (ghost
+    batch norm), as :class:`jaxnorm.linen.BatchNorm`.
+    """
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        use_running_average: bool | None = False,
+        axis: Axes = -1,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = zeros,
+        scale_init: Initializer = ones,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = False,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = NO_METADATA,
+        scale_metadata: Mapping[str, Any] = NO_METADATA,
+        unbiased_running_var: bool = False,
+        virtual_batch_size: int | None = None,
+    ):
+        shape = _shape(num_features)
+        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+        self.count = (
+            nnx.BatchStat(jnp.zeros((), jnp.int32)) if momentum is None else nnx.data(None)
+        )
+        self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
+        self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs, bias_metadata)
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+        self.unbiased_running_var = unbiased_running_var
+        self.virtual_batch_size = virtual_batch_size
+
+    def _renorm_limits(self) -> tuple[float, float] | None:
+        """``(r_max, d_max)`` for batch renormalization; ``None`` for plain BatchNorm."""
+        return None
+
+    def __call__(
+        self,
+        x: Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: Array | None = None,
+    ) -> Array:
+        """Normalizes ``x``; the call's ``use_running_average`` overrides the attribute."""
+        use_running_average = first_from(
+            use_running_average,
+            self.use_running_average,
+            error_msg="pass use_running_average to BatchNorm (constructor or call), or "
+            "use model.train() / model.eval()",
+        )
+        x, scale, bias = self.promote_dtype(
+            (x, _value(self.scale), _value(self.bias)), dtype=self.dtype
+        )
+        if use_running_average:
+            return batch_norm_inference(
+                x, self.mean[...], self.var[...], scale, bias,
+                axis=self.axis, eps=self.epsilon, dtype=self.dtype,
+            )
+        limits = self._renorm_limits()
+        y, batch = batch_norm_train(
+            x,
+            scale,
+            bias,
+            axis=self.axis,
+            eps=self.epsilon,
+            mask=mask,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype,
+            virtual_batch_size=self.virtual_batch_size,
+            renorm=None if limits is None else (self.mean[...], self.var[...], *limits),
+        )
+        running = update_running_statistics(
+            RunningStatistics(self.mean[...], self.var[...], _value(self.count)),
+            batch,
+            momentum=self.momentum,
+            unbiased=self.unbiased_running_var,
+        )
+        self.mean[...] = running.mean
+        self.var[...] = running.var
+        if self.count is not None:
+            self.count[...] = running.count
+        return y
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Used by ``nnx.view``: sets ``use_running_average`` when given."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+class BatchRenorm(BatchNorm):
+    r"""Batch renormalization (Ioffe 2017): BatchNorm's arguments plus ``r_max``, ``d_max``.
+
+    Training: :math:`y = ((x-\mu_B)/\sigma_B\cdot r + d)\,\gamma + \beta` with ``r``, ``d``
+    from the running statistics, clipped and under ``stop_gradient``
+    (:mod:`jaxnorm.running`). ``r_max=1, d_max=0`` is BatchNorm.
+    """
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        rngs: nnx.Rngs,
+        **batch_norm_kwargs: Any,
+    ):
+        super().__init__(num_features, rngs=rngs, **batch_norm_kwargs)
+        self.r_max = r_max
+        self.d_max = d_max
+
+    def _renorm_limits(self) -> tuple[float, float] | None:
+        return (self.r_max, self.d_max)
+
+
+class LayerNorm(nnx.Module):
+    """Layer normalization (Ba et al. 2016), a drop-in for ``flax.nnx.LayerNorm``."""
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = zeros,
+        scale_init: Initializer = ones,
+        reduction_axes: Axes = -1,
+        feature_axes: Axes = -1,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = False,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = NO_METADATA,
+        scale_metadata: Mapping[str, Any] = NO_METADATA,
+    ):
+        shape = _shape(num_features)
+        self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
+        self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs, bias_metadata)
+        self.num_features = num_features
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.reduction_axes = reduction_axes
+        self.feature_axes = feature_axes
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        x, scale, bias = self.promote_dtype(
+            (x, _value(self.scale), _value(self.bias)), dtype=self.dtype
+        )
+        return normalize(
+            x, self.reduction_axes, scale, bias,
+            feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype,
+        )
+
+
+class RMSNorm(nnx.Module):
+    r"""RMS normalization (Zhang & Sennrich 2019), a drop-in for ``flax.nnx.RMSNorm``:
+    :math:`y = x / \sqrt{E[x^2] + \epsilon}\cdot\gamma`."""
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_scale: bool = True,
+        scale_init: Initializer = ones,
+        reduction_axes: Axes = -1,
+        feature_axes: Axes = -1,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = False,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        scale_metadata: Mapping[str, Any] = NO_METADATA,
+    ):
+        shape = _shape(num_features)
+        self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
+        self.num_features = num_features
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_scale = use_scale
+        self.reduction_axes = reduction_axes
+        self.feature_axes = feature_axes
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        x, scale = self.promote_dtype((x, _value(self.scale)), dtype=self.dtype)
+        return normalize(
+            x, self.reduction_axes, scale,
+            feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype, centered=False,
+        )
+
+
+class GroupNorm(nnx.Module):
+    """Group normalization (Wu & He 2018), a drop-in for ``flax.nnx.GroupNorm``; adds
+    ``feature_axis`` (``1`` serves NCHW). Exactly one of ``num_groups``/``group_size``."""
+
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int | None = 32,
+        group_size: int | None = None,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = zeros,
+        scale_init: Initializer = ones,
+        reduction_axes: Axes | None = None,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = False,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = NO_METADATA,
+        scale_metadata: Mapping[str, Any] = NO_METADATA,
+        feature_axis: int = -1,
+    ):
+        self.num_groups = resolve_num_groups(num_features, num_groups, group_size)
+        self.group_size = num_features // self.num_groups
+        shape = (num_features,)
+        self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
+        self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs, bias_metadata)
+        self.num_features = num_features
+        self.feature_axis = feature_axis
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.reduction_axes = reduction_axes
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        x, scale, bias = self.promote_dtype(
+            (x, _value(self.scale), _value(self.bias)), dtype=self.dtype
+        )
+        return group_normalize(
+            x, scale, bias,
+            num_groups=self.num_groups, group_size=None, feature_axis=self.feature_axis,
+            reduction_axes=self.reduction_axes, eps=self.epsilon, mask=mask,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype,
+        )
+
+
+class InstanceNorm(nnx.Module):
+    """Instance normalization (Ulyanov et al. 2016), a drop-in for
+    ``flax.nnx.InstanceNorm``: statistics per example and channel over every axis except 0
+    and ``feature_axes``."""
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = zeros,
+        scale_init: Initializer = ones,
+        feature_axes: Axes = -1,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = False,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = NO_METADATA,
+        scale_metadata: Mapping[str, Any] = NO_METADATA,
+    ):
+        shape = _shape(num_features)
+        self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
+        self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs, bias_metadata)
+        self.num_features = num_features
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.feature_axes = feature_axes
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        x, scale, bias = self.promote_dtype(
+            (x, _value(self.scale), _value(self.bias)), dtype=self.dtype
+        )
+        features = canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
+        if 0 in features:
+            raise ValueError("feature_axes must not contain the batch axis 0")
+        return normalize(
+            x, complement_axes(x.ndim, (0,), features), scale, bias,
+            feature_axes=features, eps=self.epsilon, mask=mask,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype,
+        )
+
+
+class LocalResponseNorm(nnx.Module):
+    """Local response normalization across channels (Krizhevsky et al. 2012), as
+    ``torch.nn.LocalResponseNorm``; no parameters."""
+
+    def __init__(
+        self,
+        size: int = 5,
+        alpha: float = 1e-4,
+        beta: float = 0.75,
+        k: float = 1.0,
+        feature_axis: int = -1,
+    ):
+        self.size = size
+        self.alpha = alpha
+        self.beta = beta
+        self.k = k
+        self.feature_axis = feature_axis
+
+    def __call__(self, x: Array) -> Array:
+        return local_response_norm(
+            x, size=self.size, alpha=self.alpha, beta=self.beta, k=self.k,
+            feature_axis=self.feature_axis,
+        )
+
+
+class AdaptiveInstanceNorm(nnx.Module):
+    """Adaptive instance normalization (Huang & Belongie 2017), called as
+    ``(content, style)``; no parameters."""
+
+    def __init__(self, epsilon: float = 1e-5, feature_axes: Axes = -1):
+        self.epsilon = epsilon
+        self.feature_axes = feature_axes
+
+    def __call__(self, content: Array, style: Array) -> Array:
+        return adaptive_instance_norm(
+            content, style, feature_axes=self.feature_axes, eps=self.epsilon
+        )
+
+
+class ConditionalInstanceNorm(nnx.Module):
+    r"""Conditional instance normalization (Dumoulin et al. 2017), called as ``(x, style)``:
+    :math:`y = \gamma_s\,\mathrm{IN}(x) + \beta_s` with ``scale``/``bias`` of shape
+    ``(num_styles, num_features)``; ``style`` is integer ids (scalar or ``(N,)``) or float
+    mixing weights ``(N, num_styles)``."""
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        num_styles: int,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = zeros,
+        scale_init: Initializer = ones,
+        feature_axes: Axes = -1,
+        rngs: nnx.Rngs,
+    ):
+        shape = (num_styles, *_shape(num_features))
+        self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs, NO_METADATA)
+        self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs, NO_METADATA)
+        self.num_features = num_features
+        self.num_styles = num_styles
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.feature_axes = feature_axes
+
+    def __call__(self, x: Array, style: Array, *, mask: Array | None = None) -> Array:
+        return conditional_instance_norm(
+            x, style, _value(self.scale), _value(self.bias),
+            feature_axes=self.feature_axes, eps=self.epsilon, mask=mask, dtype=self.dtype,
+        )
