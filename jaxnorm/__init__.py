@@ -16,6 +16,7 @@ from jaxnorm.functional import (
     normalize,
     rms_norm,
 )
+from jaxnorm.precise import recompute_batch_stats
 from jaxnorm.stats import moments
 
 __version__ = "0.1.0"
@@ -31,5 +32,6 @@ __all__ = [
     "local_response_norm",
     "moments",
     "normalize",
+    "recompute_batch_stats",
     "rms_norm",
 ]

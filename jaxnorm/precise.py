@@ -1,0 +1,111 @@
+r"""Precise BatchNorm: exact population statistics over a dataset (Wu & Johnson 2021,
+"Rethinking 'Batch' in BatchNorm"; PyTorch's ``swa_utils.update_bn``).
+
+The exponential running average of training is a lagging, noisy estimate of the statistics
+the final weights produce. :func:`recompute_batch_stats` replaces it with the exact mean and
+variance of every BatchNorm layer's input over all examples of the given batches. Each
+batch runs one training-mode forward pass with the given (fixed) variables, so every layer
+sees the activations the final weights produce, later layers included; each
+:class:`jaxnorm.linen.BatchNorm` reports its batch's per-channel count :math:`n_b`, mean
+:math:`\mu_b` and biased variance :math:`\sigma^2_b`, and the batches are combined with
+Chan et al. (1979)'s exact parallel formula in float64,
+
+.. math::
+    n = n_a + n_b,\quad \delta = \mu_b - \mu_a,\quad
+    \mu = \mu_a + \delta\,n_b/n,\quad
+    M_2 = M_{2,a} + n_b\sigma^2_b + \delta^2 n_a n_b / n,
+
+giving :math:`\sigma^2 = M_2/n` (or :math:`M_2/(n-1)` for layers with
+``unbiased_running_var``). Layers with ``momentum=None`` get ``count`` = the number of
+batches. For ghost-batch layers (``virtual_batch_size``) the per-batch variance is the
+pooled within-ghost-batch variance, and the combination adds the spread between batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+from flax.core import FrozenDict, freeze, unfreeze
+
+from jaxnorm.running import MOMENTS_COLLECTION
+
+
+class _Pooled:
+    """Count, mean and sum of squared deviations, merged batch by batch (float64)."""
+
+    def __init__(self) -> None:
+        self.count: np.ndarray | float = 0.0
+        self.mean: np.ndarray | float = 0.0
+        self.m2: np.ndarray | float = 0.0
+
+    def add(self, count: np.ndarray, mean: np.ndarray, var: np.ndarray) -> None:
+        total = self.count + count
+        safe_total = np.maximum(total, 1.0)
+        delta = mean - self.mean
+        self.m2 = self.m2 + count * var + delta * delta * self.count * count / safe_total
+        self.mean = self.mean + delta * count / safe_total
+        self.count = total
+
+    def variance(self, unbiased: bool) -> np.ndarray:
+        denominator = self.count - 1.0 if unbiased else self.count
+        return np.asarray(self.m2 / np.maximum(denominator, 1.0))
+
+
+def recompute_batch_stats(
+    apply_fn: Callable[..., tuple[Any, Any]],
+    variables: Any,
+    batches: Iterable[Any],
+) -> Any:
+    """Replaces every BatchNorm layer's ``batch_stats`` by exact population statistics.
+
+    Args:
+      apply_fn: runs the model in training mode, called as
+        ``apply_fn(variables, batch, mutable=[...])`` — for example
+        ``functools.partial(model.apply, train=True)``. It is jitted once.
+      variables: the model's variables (``params``, ``batch_stats``, ...); not modified.
+      batches: an iterable of model inputs, each passed as the one positional input.
+
+    Returns:
+      ``variables`` with each :class:`jaxnorm.linen.BatchNorm` / ``BatchRenorm`` layer's
+      ``mean``/``var`` (and ``count``) recomputed; everything else unchanged.
+    """
+    forward = jax.jit(
+        lambda v, batch: apply_fn(v, batch, mutable=["batch_stats", MOMENTS_COLLECTION])[1][
+            MOMENTS_COLLECTION
+        ]
+    )
+    pooled: dict[tuple[str, ...], _Pooled] = {}
+    unbiased: dict[tuple[str, ...], bool] = {}
+    num_batches = 0
+    for batch in batches:
+        captured = traverse_util.flatten_dict(unfreeze(forward(variables, batch)))
+        num_batches += 1
+        for path in (p for p in captured if p[-1] == "mean"):
+            layer = path[:-1]
+            moments = {k: np.asarray(captured[layer + (k,)], np.float64)
+                       for k in ("count", "mean", "var")}
+            pooled.setdefault(layer, _Pooled()).add(
+                moments["count"], moments["mean"], moments["var"]
+            )
+            unbiased[layer] = bool(np.all(captured[layer + ("unbiased",)]))
+    if not pooled:
+        raise ValueError(
+            "recompute_batch_stats saw no BatchNorm batch moments: batches must be non-empty "
+            "and apply_fn must run the model in training mode (e.g. "
+            "functools.partial(model.apply, train=True)) with jaxnorm.linen BatchNorm layers"
+        )
+
+    stats = traverse_util.flatten_dict(unfreeze(variables["batch_stats"]))
+    for layer, accumulated in pooled.items():
+        mean_path, var_path = layer + ("mean",), layer + ("var",)
+        stats[mean_path] = np.asarray(accumulated.mean).astype(stats[mean_path].dtype)
+        stats[var_path] = accumulated.variance(unbiased[layer]).astype(stats[var_path].dtype)
+        if layer + ("count",) in stats:
+            stats[layer + ("count",)] = np.asarray(num_batches, stats[layer + ("count",)].dtype)
+    new_stats = jax.tree.map(jax.numpy.asarray, traverse_util.unflatten_dict(stats))
+    result = {**unfreeze(variables), "batch_stats": new_stats}
+    return freeze(result) if isinstance(variables, FrozenDict) else result
