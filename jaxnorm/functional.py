@@ -393,7 +393,7 @@ def local_response_norm(
     padding = [(0, 0)] * x.ndim
     padding[axis] = (size // 2, (size - 1) // 2)
     square_sum = lax.reduce_window(
-        xc * xc, jnp.asarray(0, compute), lax.add, window, [1] * x.ndim, padding
+        xc * xc, 0.0, lax.add, window, [1] * x.ndim, padding  # a Python 0 keeps jit'd grad-of-grad
     )
     denominator = k + (alpha / size) * square_sum
     return (xc * denominator ** (-beta)).astype(x.dtype)
