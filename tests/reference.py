@@ -265,18 +265,29 @@ def batch_norm_inference_vjp(
 
 
 def layer_norm(
-    x, scale=None, bias=None, *, reduction_axes: Axes = -1, feature_axes: Axes = -1,
-    eps: float = 1e-6, mask=None,
+    x,
+    scale=None,
+    bias=None,
+    *,
+    reduction_axes: Axes = -1,
+    feature_axes: Axes = -1,
+    eps: float = 1e-6,
+    mask=None,
 ) -> np.ndarray:
     """LayerNorm (Ba et al. 2016): :func:`normalize` over ``reduction_axes``."""
-    return normalize(
-        x, reduction_axes, scale, bias, feature_axes=feature_axes, eps=eps, mask=mask
-    )
+    return normalize(x, reduction_axes, scale, bias, feature_axes=feature_axes, eps=eps, mask=mask)
 
 
 def layer_norm_vjp(
-    dy, x, scale=None, bias=None, *, reduction_axes: Axes = -1, feature_axes: Axes = -1,
-    eps: float = 1e-6, mask=None,
+    dy,
+    x,
+    scale=None,
+    bias=None,
+    *,
+    reduction_axes: Axes = -1,
+    feature_axes: Axes = -1,
+    eps: float = 1e-6,
+    mask=None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """``(dx, dscale, dbias)``: :func:`normalize_vjp` over ``reduction_axes``."""
     return normalize_vjp(
@@ -285,7 +296,12 @@ def layer_norm_vjp(
 
 
 def rms_norm(
-    x, scale=None, *, reduction_axes: Axes = -1, feature_axes: Axes = -1, eps: float = 1e-6,
+    x,
+    scale=None,
+    *,
+    reduction_axes: Axes = -1,
+    feature_axes: Axes = -1,
+    eps: float = 1e-6,
     mask=None,
 ) -> np.ndarray:
     r"""RMSNorm (Zhang & Sennrich 2019): :math:`y = x\,(E[x^2] + \epsilon)^{-1/2}\gamma`."""
@@ -295,8 +311,14 @@ def rms_norm(
 
 
 def rms_norm_vjp(
-    dy, x, scale=None, *, reduction_axes: Axes = -1, feature_axes: Axes = -1,
-    eps: float = 1e-6, mask=None,
+    dy,
+    x,
+    scale=None,
+    *,
+    reduction_axes: Axes = -1,
+    feature_axes: Axes = -1,
+    eps: float = 1e-6,
+    mask=None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     r"""``(dx, dscale)`` of :func:`rms_norm`.
 
@@ -307,7 +329,13 @@ def rms_norm_vjp(
     :math:`\bar\gamma = \sum\bar y\hat x`.
     """
     dx, dscale, _ = normalize_vjp(
-        dy, x, reduction_axes, scale, feature_axes=feature_axes, eps=eps, mask=mask,
+        dy,
+        x,
+        reduction_axes,
+        scale,
+        feature_axes=feature_axes,
+        eps=eps,
+        mask=mask,
         centered=False,
     )
     return dx, dscale
@@ -333,9 +361,7 @@ def instance_norm_vjp(
     """``(dx, dscale, dbias)``: :func:`normalize_vjp` over the instance axes."""
     x = np.asarray(x, F64)
     reduction, features = _instance_axes(x.ndim, feature_axes)
-    return normalize_vjp(
-        dy, x, reduction, scale, bias, feature_axes=features, eps=eps, mask=mask
-    )
+    return normalize_vjp(dy, x, reduction, scale, bias, feature_axes=features, eps=eps, mask=mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -352,7 +378,13 @@ def _grouped(x: np.ndarray, num_groups: int, feature_axis: int):
 
 
 def group_norm(
-    x, scale=None, bias=None, *, num_groups: int, feature_axis: int = -1, eps: float = 1e-6,
+    x,
+    scale=None,
+    bias=None,
+    *,
+    num_groups: int,
+    feature_axis: int = -1,
+    eps: float = 1e-6,
     mask=None,
 ) -> np.ndarray:
     """GroupNorm (Wu & He 2018): x reshaped so that channel axis C becomes (G, C/G), then
@@ -373,8 +405,15 @@ def group_norm(
 
 
 def group_norm_vjp(
-    dy, x, scale=None, bias=None, *, num_groups: int, feature_axis: int = -1,
-    eps: float = 1e-6, mask=None,
+    dy,
+    x,
+    scale=None,
+    bias=None,
+    *,
+    num_groups: int,
+    feature_axis: int = -1,
+    eps: float = 1e-6,
+    mask=None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """``(dx, dscale, dbias)``: :func:`normalize_vjp` on the grouped view, reshaped back."""
     x = np.asarray(x, F64)
@@ -420,7 +459,12 @@ def _lrn_window(size: int) -> range:
 
 
 def local_response_norm(
-    x, *, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0,
+    x,
+    *,
+    size: int = 5,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    k: float = 1.0,
     feature_axis: int = -1,
 ) -> np.ndarray:
     r"""LRN (Krizhevsky et al. 2012): :math:`b_c = a_c d_c^{-\beta}`,
@@ -432,7 +476,13 @@ def local_response_norm(
 
 
 def local_response_norm_vjp(
-    dy, x, *, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0,
+    dy,
+    x,
+    *,
+    size: int = 5,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    k: float = 1.0,
     feature_axis: int = -1,
 ) -> np.ndarray:
     r"""``dx`` of :func:`local_response_norm`.
@@ -499,10 +549,14 @@ def adaptive_instance_norm_vjp(
     rstd = 1.0 / np.sqrt(c_var + eps)
     c_hat = (c - c_mean) * rstd
     dc_hat = dy * s_std
-    dc = rstd / c_count * (
-        c_count * dc_hat
-        - dc_hat.sum(axis=c_axes, keepdims=True)
-        - c_hat * (dc_hat * c_hat).sum(axis=c_axes, keepdims=True)
+    dc = (
+        rstd
+        / c_count
+        * (
+            c_count * dc_hat
+            - dc_hat.sum(axis=c_axes, keepdims=True)
+            - c_hat * (dc_hat * c_hat).sum(axis=c_axes, keepdims=True)
+        )
     )
     d_std = (dy * c_hat).sum(axis=c_axes, keepdims=True)
     d_mean = dy.sum(axis=c_axes, keepdims=True)
