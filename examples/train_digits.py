@@ -14,7 +14,7 @@ the running statistics, prints a table and writes ``results.json`` and ``curves.
 BatchRenorm get ``axis_name="data"``, so their statistics are those of the whole batch.
 """
 
-# ruff: noqa: E402  (XLA_FLAGS must be set before JAX is imported)
+# XLA_FLAGS must be set before JAX is imported, hence the imports after _request_host_devices.
 from __future__ import annotations
 
 import os
@@ -188,7 +188,7 @@ def train(
     schedule = optax.cosine_decay_schedule(config.learning_rate, config.epochs * steps_per_epoch)
     optimizer = optax.adamw(schedule, weight_decay=config.weight_decay)
 
-    variables = model.init(
+    variables = jax.jit(model.init, static_argnames="train")(
         jax.random.key(config.seed), data.train_images[: config.batch_size], train=False
     )
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
