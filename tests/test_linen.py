@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as fnn
 import jax
 import jax.numpy as jnp
@@ -15,21 +17,36 @@ KEY = jax.random.key(0)
 
 
 def _data(shape, seed=1, loc=2.0, spread=3.0):
-    return np.asarray(jax.random.normal(jax.random.key(seed), shape)) * spread + loc
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * spread + loc).astype(np.float32)
 
 
 def _randomized(variables, seed=7):
-    """The same tree with random params and running statistics (var > 0), so that loading
-    the wrong leaf into the wrong place cannot go unnoticed."""
-    leaves, tree = jax.tree.flatten(variables)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    new = [
-        (jnp.abs(jax.random.normal(k, a.shape)) + 0.5).astype(a.dtype)
-        if a.ndim
-        else a
-        for k, a in zip(keys, leaves, strict=True)
-    ]
-    return jax.tree.unflatten(tree, new)
+    """The same tree (arrays or shapes) with random values in [0.5, 1.5) (integer leaves:
+    0), so that loading a leaf into the wrong place cannot go unnoticed."""
+    rng = np.random.default_rng(seed)
+
+    def fill(leaf):
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+
+    return jax.tree.map(fill, variables)
+
+
+def shapes(module, *args, **kwargs):
+    """The variables ``module.init`` would create, as shapes (traced, not compiled)."""
+    return jax.eval_shape(functools.partial(module.init, **kwargs), KEY, *args)
+
+
+def init(module, *args, **kwargs):
+    """``module.init`` under ``jit``: one compile instead of one per operation."""
+    return jax.jit(functools.partial(module.init, **kwargs))(KEY, *args)
+
+
+def run(module, variables, *args, **kwargs):
+    """``module.apply`` under ``jit``."""
+    return jax.jit(functools.partial(module.apply, **kwargs))(variables, *args)
 
 
 def _signature(tree):
@@ -55,8 +72,8 @@ CASE_IDS = [f"{name}-{i}" for i, (name, _, _) in enumerate(DROP_IN_CASES)]
 @pytest.mark.parametrize(("name", "kwargs", "shape"), DROP_IN_CASES, ids=CASE_IDS)
 def test_variable_tree_matches_flax(name, kwargs, shape):
     x = _data(shape)
-    ours = getattr(jn, name)(**kwargs).init(KEY, x)
-    theirs = getattr(fnn, name)(**kwargs).init(KEY, x)
+    ours = init(getattr(jn, name)(**kwargs), x)
+    theirs = init(getattr(fnn, name)(**kwargs), x)
     assert _signature(ours) == _signature(theirs)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), ours, theirs))
 
@@ -66,9 +83,9 @@ def test_variables_load_both_ways_with_the_same_outputs(name, kwargs, shape):
     x = _data(shape)
     ours, theirs = getattr(jn, name)(**kwargs), getattr(fnn, name)(**kwargs)
     for source in (ours, theirs):
-        variables = _randomized(source.init(KEY, x))
-        y_ours, state_ours = ours.apply(variables, x, mutable=["batch_stats"])
-        y_theirs, state_theirs = theirs.apply(variables, x, mutable=["batch_stats"])
+        variables = _randomized(shapes(source, x))
+        y_ours, state_ours = run(ours, variables, x, mutable=["batch_stats"])
+        y_theirs, state_theirs = run(theirs, variables, x, mutable=["batch_stats"])
         assert y_ours.dtype == y_theirs.dtype
         tol = 2e-2 if y_ours.dtype == jnp.bfloat16 else 2e-5
         np.testing.assert_allclose(y_ours, y_theirs, rtol=tol, atol=tol)
@@ -79,8 +96,8 @@ def test_variables_load_both_ways_with_the_same_outputs(name, kwargs, shape):
         if "use_running_average" in kwargs:
             evaluate = dict(kwargs, use_running_average=True)
             np.testing.assert_allclose(
-                getattr(jn, name)(**evaluate).apply(variables, x),
-                getattr(fnn, name)(**evaluate).apply(variables, x),
+                run(getattr(jn, name)(**evaluate), variables, x),
+                run(getattr(fnn, name)(**evaluate), variables, x),
                 rtol=tol, atol=tol,
             )
 
@@ -91,15 +108,15 @@ def _bn(**kwargs):
 
 def test_init_does_not_move_running_statistics():
     x = _data((8, 3), loc=5.0)
-    stats = _bn().init(KEY, x)["batch_stats"]
+    stats = init(_bn(), x)["batch_stats"]
     np.testing.assert_array_equal(stats["mean"], np.zeros(3))
     np.testing.assert_array_equal(stats["var"], np.ones(3))
 
 
 def test_running_statistics_follow_flax_momentum_convention():
     x = _data((16, 3))
-    variables = _randomized(_bn(momentum=0.8).init(KEY, x))
-    _, updated = _bn(momentum=0.8).apply(variables, x, mutable=["batch_stats"])
+    variables = _randomized(shapes(_bn(momentum=0.8), x))
+    _, updated = run(_bn(momentum=0.8), variables, x, mutable=["batch_stats"])
     old = variables["batch_stats"]
     np.testing.assert_allclose(
         updated["batch_stats"]["mean"], 0.8 * old["mean"] + 0.2 * x.mean(0), rtol=1e-6
@@ -112,15 +129,15 @@ def test_running_statistics_follow_flax_momentum_convention():
 def test_unbiased_running_var_stores_bessel_corrected_variance():
     x = _data((10, 2, 3))
     module = _bn(momentum=0.0, unbiased_running_var=True)
-    _, updated = module.apply(module.init(KEY, x), x, mutable=["batch_stats"])
+    _, updated = run(module, init(module, x), x, mutable=["batch_stats"])
     expected = x.reshape(-1, 3).var(0, ddof=1)
     np.testing.assert_allclose(updated["batch_stats"]["var"], expected, rtol=1e-5)
 
 
 def test_evaluation_uses_running_statistics():
     x = _data((6, 4))
-    variables = _randomized(_bn().init(KEY, x))
-    y = jn.BatchNorm(use_running_average=True).apply(variables, x)
+    variables = _randomized(shapes(_bn(), x))
+    y = run(jn.BatchNorm(use_running_average=True), variables, x)
     stats, params = variables["batch_stats"], variables["params"]
     expected = (x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * params["scale"] + params[
         "bias"
@@ -130,7 +147,7 @@ def test_evaluation_uses_running_statistics():
 
 def test_use_running_average_in_call_and_constructor_is_an_error_like_flax():
     x = _data((6, 4))
-    variables = jn.BatchNorm().init(KEY, x, use_running_average=True)
+    variables = _randomized(shapes(jn.BatchNorm(), x, use_running_average=True))
     with pytest.raises(ValueError, match="use_running_average"):
         jn.BatchNorm().apply(variables, x)
     with pytest.raises(ValueError, match="use_running_average"):
@@ -140,10 +157,11 @@ def test_use_running_average_in_call_and_constructor_is_an_error_like_flax():
 def test_momentum_none_keeps_the_exact_average_of_batch_statistics_with_a_count():
     batches = [_data((8, 3), seed=s, loc=s) for s in range(3)]
     module = _bn(momentum=None)
-    variables = module.init(KEY, batches[0])
+    step = jax.jit(functools.partial(module.apply, mutable=["batch_stats"]))
+    variables = init(module, batches[0])
     assert variables["batch_stats"]["count"] == 0
     for x in batches:
-        _, updated = module.apply(variables, x, mutable=["batch_stats"])
+        _, updated = step(variables, x)
         variables = {**variables, **updated}
     stats = variables["batch_stats"]
     assert int(stats["count"]) == 3
@@ -153,14 +171,14 @@ def test_momentum_none_keeps_the_exact_average_of_batch_statistics_with_a_count(
 
 def test_ghost_batch_norm_equals_batch_norm_per_group():
     x = _data((12, 2, 3))
-    variables = _randomized(_bn(momentum=0.5).init(KEY, x))
-    y, updated = _bn(momentum=0.5, virtual_batch_size=4).apply(
-        variables, x, mutable=["batch_stats"]
+    variables = _randomized(shapes(_bn(momentum=0.5), x))
+    y, updated = run(
+        _bn(momentum=0.5, virtual_batch_size=4), variables, x, mutable=["batch_stats"]
     )
-    groups = [
-        _bn(momentum=0.5).apply(variables, x[i : i + 4], mutable=["batch_stats"])
-        for i in range(0, 12, 4)
-    ]
+    per_group = jax.jit(
+        functools.partial(_bn(momentum=0.5).apply, mutable=["batch_stats"])
+    )
+    groups = [per_group(variables, x[i : i + 4]) for i in range(0, 12, 4)]
     np.testing.assert_allclose(y, np.concatenate([g[0] for g in groups]), rtol=1e-5, atol=1e-5)
     for name in ("mean", "var"):
         group_average = np.mean([g[1]["batch_stats"][name] for g in groups], axis=0)
@@ -170,21 +188,21 @@ def test_ghost_batch_norm_equals_batch_norm_per_group():
 def test_ghost_batch_size_must_divide_the_batch():
     x = _data((10, 3))
     with pytest.raises(ValueError, match="virtual_batch_size"):
-        _bn(virtual_batch_size=4).init(KEY, x)
+        shapes(_bn(virtual_batch_size=4), x)
 
 
 def test_training_batch_norm_with_one_value_per_channel_is_an_error():
     with pytest.raises(ValueError, match="more than one value per channel"):
-        _bn().init(KEY, np.ones((1, 3), np.float32))
+        shapes(_bn(), np.ones((1, 3), np.float32))
 
 
 def test_masked_statistics_equal_statistics_of_the_kept_rows():
     x = _data((10, 3))
     keep = np.arange(10) % 3 != 0
     module = _bn(momentum=0.0, unbiased_running_var=True)
-    variables = module.init(KEY, x)
-    y, updated = module.apply(variables, x, mask=keep[:, None], mutable=["batch_stats"])
-    y_kept, updated_kept = module.apply(variables, x[keep], mutable=["batch_stats"])
+    variables = _randomized(shapes(module, x))
+    y, updated = run(module, variables, x, mask=keep[:, None], mutable=["batch_stats"])
+    y_kept, updated_kept = run(module, variables, x[keep], mutable=["batch_stats"])
     np.testing.assert_allclose(y[keep], y_kept, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), updated, updated_kept)
 
@@ -194,7 +212,7 @@ def test_stable_statistics_for_large_mean_either_use_fast_variance():
     exact = (x.astype(np.float64) - x.astype(np.float64).mean(0)) / x.astype(np.float64).std(0)
     for fast in (False, True):
         module = _bn(use_fast_variance=fast)
-        y, _ = module.apply(module.init(KEY, x), x, mutable=["batch_stats"])
+        y, _ = run(module, init(module, x), x, mutable=["batch_stats"])
         np.testing.assert_allclose(y, exact, atol=2e-3)
 
 
@@ -204,7 +222,7 @@ def _renorm(**kwargs):
 
 def test_batch_renorm_with_unit_limits_is_batch_norm():
     x = _data((8, 2, 3))
-    variables = _randomized(_bn().init(KEY, x))
+    variables = _randomized(shapes(_bn(), x))
 
     def loss(module, params, inputs):
         y, state = module.apply(
@@ -212,20 +230,21 @@ def test_batch_renorm_with_unit_limits_is_batch_norm():
         )
         return jnp.sum(y * jnp.arange(3.0)), (y, state)
 
-    renorm = jax.grad(loss, argnums=(1, 2), has_aux=True)(
-        _renorm(r_max=1.0, d_max=0.0), variables["params"], x
-    )
-    plain = jax.grad(loss, argnums=(1, 2), has_aux=True)(_bn(), variables["params"], x)
+    gradient = jax.jit(jax.grad(loss, argnums=(1, 2), has_aux=True), static_argnums=0)
+    renorm = gradient(_renorm(r_max=1.0, d_max=0.0), variables["params"], x)
+    plain = gradient(_bn(), variables["params"], x)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  renorm, plain)
 
 
 def test_batch_renorm_applies_clipped_corrections_from_running_statistics():
     x = _data((16, 3))
-    variables = _randomized(_bn().init(KEY, x))
+    variables = _randomized(shapes(_bn(), x))
     stats, params = variables["batch_stats"], variables["params"]
     r_max, d_max = 1.5, 0.5
-    y, updated = _renorm(r_max=r_max, d_max=d_max).apply(variables, x, mutable=["batch_stats"])
+    y, updated = run(
+        _renorm(r_max=r_max, d_max=d_max), variables, x, mutable=["batch_stats"]
+    )
     batch_std = np.sqrt(x.var(0) + 1e-5)
     running_std = np.sqrt(stats["var"] + 1e-5)
     r = np.clip(batch_std / running_std, 1 / r_max, r_max)
@@ -233,21 +252,21 @@ def test_batch_renorm_applies_clipped_corrections_from_running_statistics():
     expected = ((x - x.mean(0)) / batch_std * r + d) * params["scale"] + params["bias"]
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
     assert np.any(r == r_max) or np.any(r == 1 / r_max)  # the clipping is exercised
-    _, plain = _bn().apply(variables, x, mutable=["batch_stats"])
+    _, plain = run(_bn(), variables, x, mutable=["batch_stats"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), updated, plain)
 
 
 def test_batch_renorm_corrections_carry_no_gradient():
     """With r, d constant, dy/dx is BatchNorm's times r per channel."""
     x = _data((16, 3))
-    variables = jn.BatchNorm().init(KEY, x, use_running_average=True)
+    variables = _randomized(shapes(jn.BatchNorm(), x, use_running_average=True))
     variables = {**variables, "batch_stats": {"mean": jnp.zeros(3), "var": jnp.full(3, 4.0)}}
     weights = _data((16, 3), seed=3)
 
     def gradient(module):
-        return jax.grad(
+        return jax.jit(jax.grad(
             lambda v: jnp.sum(module.apply(variables, v, mutable=["batch_stats"])[0] * weights)
-        )(x)
+        ))(x)
 
     r = np.clip(np.sqrt(x.var(0) + 1e-5) / np.sqrt(4.0 + 1e-5), 1 / 3.0, 3.0)
     np.testing.assert_allclose(gradient(_renorm()), gradient(_bn()) * r, rtol=1e-4, atol=1e-5)
@@ -256,46 +275,46 @@ def test_batch_renorm_corrections_carry_no_gradient():
 def test_group_norm_feature_axis_one_serves_nchw():
     x = _data((2, 6, 3, 3))
     nchw, nhwc = jn.GroupNorm(num_groups=3, feature_axis=1), jn.GroupNorm(num_groups=3)
-    variables = _randomized(nhwc.init(KEY, x.transpose(0, 2, 3, 1)))
+    variables = _randomized(shapes(nhwc, x.transpose(0, 2, 3, 1)))
     np.testing.assert_allclose(
-        nchw.apply(variables, x).transpose(0, 2, 3, 1),
-        nhwc.apply(variables, x.transpose(0, 2, 3, 1)),
+        run(nchw, variables, x).transpose(0, 2, 3, 1),
+        run(nhwc, variables, x.transpose(0, 2, 3, 1)),
         rtol=1e-5, atol=1e-5,
     )
 
 
 def test_group_norm_with_one_group_equals_layer_norm_over_all_but_batch():
     x = _data((2, 3, 4))
-    variables = jn.GroupNorm(num_groups=1, use_scale=False, use_bias=False).init(KEY, x)
-    group = jn.GroupNorm(num_groups=1, use_scale=False, use_bias=False).apply(variables, x)
-    layer = jn.LayerNorm(reduction_axes=(1, 2), use_scale=False, use_bias=False).apply(
-        {}, x
-    )
+    group = run(jn.GroupNorm(num_groups=1, use_scale=False, use_bias=False), {}, x)
+    layer = run(jn.LayerNorm(reduction_axes=(1, 2), use_scale=False, use_bias=False), {}, x)
     np.testing.assert_allclose(group, layer, rtol=1e-5, atol=1e-5)
 
 
 def test_conditional_instance_norm_selects_and_mixes_style_parameters():
     x = _data((3, 4, 4, 2))
     module = jn.ConditionalInstanceNorm(num_styles=3)
-    variables = _randomized(module.init(KEY, x, 0))
+    variables = _randomized(shapes(module, x, 0))
     scale, bias = variables["params"]["scale"], variables["params"]["bias"]
     assert scale.shape == bias.shape == (3, 2)
-    normalized = jaxnorm.instance_norm(x)
+    normalized = (x - x.mean((1, 2), keepdims=True)) / np.sqrt(
+        x.var((1, 2), keepdims=True) + 1e-6
+    )
+    apply = jax.jit(module.apply)
     ids = np.array([2, 0, 2])
-    by_id = module.apply(variables, x, ids)
+    by_id = apply(variables, x, ids)
     np.testing.assert_allclose(
         by_id, normalized * scale[ids][:, None, None] + bias[ids][:, None, None], rtol=1e-5,
         atol=1e-5,
     )
     np.testing.assert_allclose(
-        module.apply(variables, x, jax.nn.one_hot(ids, 3)), by_id, rtol=1e-5, atol=1e-5
+        apply(variables, x, jax.nn.one_hot(ids, 3)), by_id, rtol=1e-5, atol=1e-5
     )
     np.testing.assert_allclose(
         module.apply(variables, x, 1), normalized * scale[1] + bias[1], rtol=1e-5, atol=1e-5
     )
     mix = np.array([[0.5, 0.5, 0.0]] * 3, np.float32)
     np.testing.assert_allclose(
-        module.apply(variables, x, mix),
+        apply(variables, x, mix),
         normalized * (scale[0] + scale[1]) / 2 + (bias[0] + bias[1]) / 2,
         rtol=1e-5, atol=1e-5,
     )
@@ -306,10 +325,10 @@ def test_conditional_instance_norm_selects_and_mixes_style_parameters():
 def test_parameter_free_modules_equal_the_functional_core():
     content, style = _data((2, 5, 5, 3)), _data((2, 4, 4, 3), seed=2, loc=-1.0)
     np.testing.assert_allclose(
-        jn.AdaptiveInstanceNorm().apply({}, content, style),
-        jaxnorm.adaptive_instance_norm(content, style),
+        run(jn.AdaptiveInstanceNorm(), {}, content, style),
+        jax.jit(jaxnorm.adaptive_instance_norm)(content, style),
     )
     np.testing.assert_allclose(
-        jn.LocalResponseNorm(size=3, feature_axis=1).apply({}, content),
-        jaxnorm.local_response_norm(content, size=3, feature_axis=1),
+        run(jn.LocalResponseNorm(size=3, feature_axis=1), {}, content),
+        jax.jit(functools.partial(jaxnorm.local_response_norm, size=3, feature_axis=1))(content),
     )
