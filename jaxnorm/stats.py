@@ -49,7 +49,8 @@ def _shift(
     else:
         shift = jnp.max(jnp.where(mask, x, -jnp.inf), axis=axes, keepdims=True)
     if axis_name is not None:
-        shift = lax.pmax(shift, axis_name, axis_index_groups=axis_index_groups)
+        # stop_gradient first: pmax has no differentiation rule
+        shift = lax.pmax(lax.stop_gradient(shift), axis_name, axis_index_groups=axis_index_groups)
     if mask is not None:
         shift = jnp.where(jnp.isfinite(shift), shift, 0)
     return lax.stop_gradient(shift)
