@@ -24,6 +24,7 @@ from jaxnorm._axes import (
     expand_to_rank,
     feature_shape,
 )
+from jaxnorm.fused import normalize_with_statistics
 from jaxnorm.stats import moments, statistics_dtype
 
 Array = jax.Array
@@ -117,6 +118,17 @@ def normalize(
     out_dtype = _output_dtype(dtype, x, scale, bias)
     if (mean is None) != (var is None):
         raise ValueError("mean and var must be given together (or both left None)")
+    if mean is None and axis_name is None and not isinstance(eps, jax.core.Tracer):
+        return normalize_with_statistics(
+            x,
+            None if scale is None else expand_to_rank(scale, x.ndim, features),
+            None if bias is None else expand_to_rank(bias, x.ndim, features),
+            broadcast_mask(mask, x.shape),
+            reduction,
+            float(eps),
+            out_dtype,
+            centered,
+        )[0]
     if mean is None:
         mean, var = moments(
             x,
@@ -175,6 +187,18 @@ def batch_norm(
     shape = feature_shape(x.shape, features)
     scale = check_shape(scale, shape, "scale")
     bias = check_shape(bias, shape, "bias")
+    if axis_name is None and not isinstance(eps, jax.core.Tracer):
+        y, mean, var = normalize_with_statistics(
+            x,
+            None if scale is None else expand_to_rank(scale, x.ndim, features),
+            None if bias is None else expand_to_rank(bias, x.ndim, features),
+            broadcast_mask(mask, x.shape),
+            reduction,
+            float(eps),
+            _output_dtype(dtype, x, scale, bias),
+            True,
+        )
+        return y, mean.reshape(shape), var.reshape(shape)
     mean, var = moments(
         x,
         reduction,

@@ -56,6 +56,32 @@ def _shift(
     return lax.stop_gradient(shift)
 
 
+def _two_pass_moments(
+    x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, keepdims: bool
+) -> tuple[jax.Array, jax.Array]:
+    r"""Local statistics in two passes: :math:`\mu = \frac1n\sum w_i x_i`, then
+    :math:`\sigma^2 = \frac1n\sum w_i (x_i - \mu)^2`.
+
+    Exact to rounding however large :math:`|\mu|/\sigma`. When a reduction set is contiguous
+    in memory (the minor axes: LayerNorm, GroupNorm, InstanceNorm) the compiler fuses both
+    sums and the normalization into one loop whose second read hits cache, so it costs no
+    more than the one-pass formula (measured in ``benchmarks/RESULTS.md``).
+    """
+    if mask is None:
+        count = jnp.asarray(math.prod(x.shape[a] for a in axes), x.dtype)
+        mean = jnp.sum(x, axis=axes, keepdims=True) / count
+        deviation = x - mean
+    else:
+        count = jnp.maximum(jnp.sum(mask, axis=axes, keepdims=True, dtype=x.dtype), 1)
+        mean = jnp.sum(jnp.where(mask, x, 0), axis=axes, keepdims=True) / count
+        deviation = jnp.where(mask, x - mean, 0)
+    var = jnp.sum(deviation * deviation, axis=axes, keepdims=True) / count
+    if not keepdims:
+        mean = jnp.squeeze(mean, axes)
+        var = jnp.squeeze(var, axes)
+    return mean, var
+
+
 def moments(
     x: jax.Array,
     axes: Axes,
@@ -87,6 +113,8 @@ def moments(
     mask = broadcast_mask(mask, x.shape)
     x = x.astype(statistics_dtype(x.dtype))
 
+    if centered and axis_name is None:
+        return _two_pass_moments(x, axes, mask, keepdims)
     if centered:
         shift = _shift(x, axes, mask, axis_name, axis_index_groups)
         deviation = x - shift
