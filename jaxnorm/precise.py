@@ -73,11 +73,11 @@ def recompute_batch_stats(
       ``variables`` with each :class:`jaxnorm.linen.BatchNorm` / ``BatchRenorm`` layer's
       ``mean``/``var`` (and ``count``) recomputed; everything else unchanged.
     """
-    forward = jax.jit(
-        lambda v, batch: apply_fn(v, batch, mutable=["batch_stats", MOMENTS_COLLECTION])[1][
-            MOMENTS_COLLECTION
-        ]
-    )
+    def moments_of(variables: Any, batch: Any) -> Any:
+        _, mutated = apply_fn(variables, batch, mutable=["batch_stats", MOMENTS_COLLECTION])
+        return mutated.get(MOMENTS_COLLECTION, {})
+
+    forward = jax.jit(moments_of)
     pooled: dict[tuple[str, ...], _Pooled] = {}
     unbiased: dict[tuple[str, ...], bool] = {}
     num_batches = 0

@@ -1,0 +1,99 @@
+"""recompute_batch_stats: exact population statistics of every BatchNorm layer's input over
+all batches, with later layers seeing the training-mode outputs of earlier ones."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from flax.core import FrozenDict, freeze
+
+import jaxnorm
+from jaxnorm import linen as jl
+
+EPS = 1e-5
+
+
+class TwoBatchNorms(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = jl.BatchNorm(use_running_average=not train, name="first")(x)
+        x = nn.Dense(3, name="dense")(x)
+        return jl.BatchNorm(
+            use_running_average=not train, momentum=None, unbiased_running_var=True,
+            name="second",
+        )(x)
+
+
+def _batches():
+    rng = np.random.default_rng(0)
+    return [
+        (rng.standard_normal((8, 4)) * (1 + i) + 3 * i).astype(np.float32) for i in range(3)
+    ]
+
+
+def _variables(model, x):
+    variables = jax.jit(model.init, static_argnames="train")(jax.random.key(0), x, train=False)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(
+        lambda a: rng.uniform(0.5, 1.5, a.shape).astype(np.float32), variables["params"]
+    )
+    return {"params": params, "batch_stats": variables["batch_stats"]}
+
+
+def _expected(variables, batches):
+    """Float64 NumPy: each batch through the first layer in training mode, then pooled."""
+    params = variables["params"]
+    hidden = []
+    for x in batches:
+        x = x.astype(np.float64)
+        normalized = (x - x.mean(0)) / np.sqrt(x.var(0) + EPS)
+        normalized = normalized * params["first"]["scale"] + params["first"]["bias"]
+        hidden.append(normalized @ params["dense"]["kernel"] + params["dense"]["bias"])
+    inputs, hidden = np.concatenate(batches).astype(np.float64), np.concatenate(hidden)
+    return {
+        "first": {"mean": inputs.mean(0), "var": inputs.var(0)},
+        "second": {"mean": hidden.mean(0), "var": hidden.var(0, ddof=1), "count": 3},
+    }
+
+
+def test_recomputed_statistics_are_the_population_statistics_of_every_layer():
+    model, batches = TwoBatchNorms(), _batches()
+    variables = _variables(model, batches[0])
+    result = jaxnorm.recompute_batch_stats(
+        functools.partial(model.apply, train=True), variables, batches
+    )
+    expected = _expected(variables, batches)
+    for layer in ("first", "second"):
+        for name in ("mean", "var"):
+            np.testing.assert_allclose(
+                result["batch_stats"][layer][name], expected[layer][name], rtol=1e-5,
+                atol=1e-5, err_msg=f"{layer}/{name}",
+            )
+    assert int(result["batch_stats"]["second"]["count"]) == 3
+    jax.tree.map(np.testing.assert_array_equal, result["params"], variables["params"])
+    np.testing.assert_array_equal(variables["batch_stats"]["first"]["mean"], np.zeros(4))
+
+
+def test_frozen_variables_come_back_frozen():
+    model, batches = TwoBatchNorms(), _batches()
+    variables = freeze(_variables(model, batches[0]))
+    result = jaxnorm.recompute_batch_stats(
+        functools.partial(model.apply, train=True), variables, batches[:1]
+    )
+    assert isinstance(result, FrozenDict)
+    np.testing.assert_allclose(
+        result["batch_stats"]["first"]["mean"], batches[0].mean(0), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_evaluation_mode_apply_fn_is_an_error():
+    model, batches = TwoBatchNorms(), _batches()
+    variables = _variables(model, batches[0])
+    with pytest.raises(ValueError, match="training mode"):
+        jaxnorm.recompute_batch_stats(
+            functools.partial(model.apply, train=False), variables, batches
+        )
