@@ -356,10 +356,10 @@ class AdaptiveInstanceNorm(nn.Module):
 
 
 class ConditionalInstanceNorm(nn.Module):
-    r"""Conditional instance normalization (Dumoulin et al. 2017), called as ``(x, style)``.
+    r"""Conditional instance normalization (Dumoulin et al. 2017), called as ``(x, style_id)``.
 
     :math:`y = \gamma_s \cdot \mathrm{IN}(x) + \beta_s` with ``scale``/``bias`` params of
-    shape ``(num_styles, *features)``. ``style`` is an integer style id (a scalar, or one
+    shape ``(num_styles, *features)``. ``style_id`` is an integer style id (a scalar, or one
     per example, shape ``(N,)``) or float style weights of shape ``(N, num_styles)`` that
     mix the styles' :math:`\gamma, \beta` linearly.
     """
@@ -375,7 +375,7 @@ class ConditionalInstanceNorm(nn.Module):
     feature_axes: Axes = -1
 
     @nn.compact
-    def __call__(self, x: Array, style: Array, *, mask: Array | None = None) -> Array:
+    def __call__(self, x: Array, style_id: Array, *, mask: Array | None = None) -> Array:
         x = jnp.asarray(x)
         features = canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
         scale, bias = _scale_and_bias(
@@ -383,6 +383,6 @@ class ConditionalInstanceNorm(nn.Module):
             self.use_bias, self.scale_init, self.bias_init, self.param_dtype,
         )
         return conditional_instance_norm(
-            x, style, scale, bias,
+            x, style_id, scale, bias,
             feature_axes=features, eps=self.epsilon, mask=mask, dtype=self.dtype,
         )

@@ -460,9 +460,9 @@ class AdaptiveInstanceNorm(nnx.Module):
 
 
 class ConditionalInstanceNorm(nnx.Module):
-    r"""Conditional instance normalization (Dumoulin et al. 2017), called as ``(x, style)``:
+    r"""Conditional instance normalization (Dumoulin et al. 2017), called as ``(x, style_id)``:
     :math:`y = \gamma_s\,\mathrm{IN}(x) + \beta_s` with ``scale``/``bias`` of shape
-    ``(num_styles, num_features)``; ``style`` is integer ids (scalar or ``(N,)``) or float
+    ``(num_styles, num_features)``; ``style_id`` is integer ids (scalar or ``(N,)``) or float
     mixing weights ``(N, num_styles)``."""
 
     def __init__(
@@ -489,8 +489,8 @@ class ConditionalInstanceNorm(nnx.Module):
         self.dtype = dtype
         self.feature_axes = feature_axes
 
-    def __call__(self, x: Array, style: Array, *, mask: Array | None = None) -> Array:
+    def __call__(self, x: Array, style_id: Array, *, mask: Array | None = None) -> Array:
         return conditional_instance_norm(
-            x, style, _value(self.scale), _value(self.bias),
+            x, style_id, _value(self.scale), _value(self.bias),
             feature_axes=self.feature_axes, eps=self.epsilon, mask=mask, dtype=self.dtype,
         )

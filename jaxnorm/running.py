@@ -51,13 +51,15 @@ MOMENTS_COLLECTION = "batch_moments"
 
 
 class BatchMoments(NamedTuple):
-    """Per-channel statistics of one training batch: mean, biased variance and the number
-    of elements (over every device) they were computed from. For ghost batches, ``var`` is
-    the count-weighted average of the ghost batches' variances."""
+    r"""Per-channel statistics of one training batch: mean, biased variance, the number of
+    elements (over every device) they were computed from, and the number of (non-empty)
+    groups with their own mean: 1, or the ghost batches. For ghost batches ``var`` is the
+    pooled within-group variance :math:`\sum_g n_g\sigma_g^2 / \sum_g n_g`."""
 
     mean: Array
     var: Array
     count: Array
+    groups: Array | int = 1
 
 
 class RunningStatistics(NamedTuple):
@@ -213,13 +215,16 @@ def batch_norm_train(
     ).reshape(x.shape)
 
     mean, var, count = (v.reshape(stat_shape) for v in (mean, var, count))
-    if virtual_batch_size is not None:
-        total = jnp.sum(count, axis=0)
-        safe_total = jnp.maximum(total, 1)
-        mean = jnp.sum(count * mean, axis=0) / safe_total
-        var = jnp.sum(count * var, axis=0) / safe_total
-        count = total
-    return y, BatchMoments(mean, var, count)
+    if virtual_batch_size is None:
+        return y, BatchMoments(mean, var, count)
+    total = jnp.sum(count, axis=0)
+    safe_total = jnp.maximum(total, 1)
+    return y, BatchMoments(
+        mean=jnp.sum(count * mean, axis=0) / safe_total,
+        var=jnp.sum(count * var, axis=0) / safe_total,
+        count=total,
+        groups=jnp.sum(count > 0, axis=0, dtype=count.dtype),
+    )
 
 
 def update_running_statistics(
@@ -232,11 +237,11 @@ def update_running_statistics(
     r"""The new ``batch_stats`` after one training batch (see the module docstring).
 
     With ``unbiased`` the stored variance is :math:`n/(n-1)\,\sigma^2_B` (:math:`n` = the
-    batch's element count per channel; for ghost batches the pooled
-    :math:`\sum n_g\sigma_g^2/\sum(n_g-1)` is approximated by the count per channel)."""
+    batch's element count per channel, over all devices); for ghost batches the pooled
+    unbiased :math:`\sum_g n_g\sigma_g^2/\sum_g(n_g-1)`."""
     var = batch.var
     if unbiased:
-        var = var * batch.count / jnp.maximum(batch.count - 1, 1)
+        var = var * batch.count / jnp.maximum(batch.count - batch.groups, 1)
     if momentum is None:
         if running.count is None:
             raise ValueError("momentum=None needs a batch count in the running statistics")
@@ -310,7 +315,7 @@ def group_normalize(
 
 def conditional_instance_norm(
     x: Array,
-    style: Array,
+    style_id: Array,
     scale: Array | None,
     bias: Array | None,
     *,
@@ -322,7 +327,7 @@ def conditional_instance_norm(
     r"""Conditional instance normalization (Dumoulin et al. 2017):
     :math:`y = \gamma_s\,\mathrm{IN}(x) + \beta_s`.
 
-    ``scale``/``bias`` have shape ``(num_styles, *features)``; ``style`` is an integer id
+    ``scale``/``bias`` have shape ``(num_styles, *features)``; ``style_id`` is an integer id
     (scalar or shape ``(N,)``) or float mixing weights of shape ``(N, num_styles)``.
     """
     x = check_floating(x)
@@ -332,7 +337,7 @@ def conditional_instance_norm(
     num_styles = tables[0].shape[0] if tables else None
     for table, name in ((scale, "scale"), (bias, "bias")):
         check_shape(table, (num_styles, *shape), name)
-    style = jnp.asarray(style)
+    style = jnp.asarray(style_id)
     batch = x.shape[0]
     if jnp.issubdtype(style.dtype, jnp.integer):
         if style.shape not in ((), (batch,)):

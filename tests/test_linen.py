@@ -169,15 +169,15 @@ def test_momentum_none_keeps_the_exact_average_of_batch_statistics_with_a_count(
     np.testing.assert_allclose(stats["var"], np.mean([b.var(0) for b in batches], 0), rtol=1e-5)
 
 
-def test_ghost_batch_norm_equals_batch_norm_per_group():
+@pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
+def test_ghost_batch_norm_equals_batch_norm_per_group(unbiased):
     x = _data((12, 2, 3))
-    variables = _randomized(shapes(_bn(momentum=0.5), x))
+    settings = {"momentum": 0.5, "unbiased_running_var": unbiased}
+    variables = _randomized(shapes(_bn(**settings), x))
     y, updated = run(
-        _bn(momentum=0.5, virtual_batch_size=4), variables, x, mutable=["batch_stats"]
+        _bn(**settings, virtual_batch_size=4), variables, x, mutable=["batch_stats"]
     )
-    per_group = jax.jit(
-        functools.partial(_bn(momentum=0.5).apply, mutable=["batch_stats"])
-    )
+    per_group = jax.jit(functools.partial(_bn(**settings).apply, mutable=["batch_stats"]))
     groups = [per_group(variables, x[i : i + 4]) for i in range(0, 12, 4)]
     np.testing.assert_allclose(y, np.concatenate([g[0] for g in groups]), rtol=1e-5, atol=1e-5)
     for name in ("mean", "var"):
