@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import jaxnorm
 
-SETTINGS = settings(deadline=None, max_examples=12, derandomize=True)
+SETTINGS = settings(deadline=None, max_examples=10, derandomize=True)
 
 normalize = jax.jit(jaxnorm.normalize, static_argnames=("reduction_axes", "feature_axes", "eps"))
 moments = jax.jit(jaxnorm.moments, static_argnames="axes")
@@ -160,10 +160,10 @@ VARIANTS = {
 }
 
 
-@settings(deadline=None, max_examples=10, derandomize=True)
+@settings(deadline=None, max_examples=8, derandomize=True)
 @given(
     st.sampled_from(sorted(VARIANTS)),
-    st.tuples(st.integers(2, 3), st.sampled_from([2, 4]), st.integers(2, 3)),
+    st.sampled_from([(2, 4, 3), (3, 2, 2)]),  # few shapes: eager mode compiles every op
     st.integers(0, 2**16),
 )
 def test_jit_equals_eager(variant, shape, seed):
