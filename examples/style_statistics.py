@@ -108,27 +108,42 @@ class ConditionalStyler(nn.Module):
         return nn.sigmoid(nn.Conv(1, (3, 3))(x))
 
 
+UNOPTIMIZED = {"xla_backend_optimization_level": 0}
+
+
+def run_once(function: Callable[..., Any], *args: Any) -> Any:
+    """``jax.jit(function)(*args)`` compiled without XLA's backend optimizations: for code
+    that runs once (initialization, rendering), where optimizing costs more than it saves."""
+    return jax.jit(function).lower(*args).compile(UNOPTIMIZED)(*args)
+
+
 def fit(
     loss: Callable[[Any, Array], Array],
     params: Any,
     batches: Callable[[int], Array],
     steps: int,
     learning_rate: float = 3e-3,
+    optimize: bool = True,
 ) -> tuple[Any, float]:
     """``steps`` Adam steps of ``loss(params, batch)`` on ``batches(step)``; returns the
-    parameters and the last loss."""
+    parameters and the last loss. ``optimize=False`` compiles the step without XLA's
+    backend optimizations (faster to compile, slower to run: for smoke tests)."""
     optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
 
-    @jax.jit
     def step(params: Any, opt_state: Any, batch: Array) -> tuple[Any, Any, Array]:
         value, grads = jax.value_and_grad(loss)(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
 
-    opt_state = optimizer.init(params)
+    opt_state = run_once(optimizer.init, params)
+    compiled_step = (
+        jax.jit(step)
+        .lower(params, opt_state, batches(0))
+        .compile(None if optimize else UNOPTIMIZED)
+    )
     value = jnp.nan
     for index in range(steps):
-        params, opt_state, value = step(params, opt_state, batches(index))
+        params, opt_state, value = compiled_step(params, opt_state, batches(index))
     return params, float(value)
 
 
@@ -176,16 +191,20 @@ def save_grid(
     plt.close(figure)
 
 
-def adain_demo(images: np.ndarray, labels: np.ndarray, steps: int, out: Path) -> dict[str, float]:
+def adain_demo(
+    images: np.ndarray, labels: np.ndarray, steps: int, out: Path, optimize: bool = True
+) -> dict[str, float]:
     """Trains the autoencoder, re-styles one image of each of the digits 0–5 with the
     statistics of the thinnest, two middle and the boldest images, and saves the grid."""
     model = AutoEncoder()
-    params = jax.jit(model.init)(jax.random.key(0), images[:1])
+    params = run_once(model.init, jax.random.key(0), images[:1])
 
     def reconstruction_loss(params: Any, batch: Array) -> Array:
         return jnp.mean((model.apply(params, batch) - batch) ** 2)
 
-    params, loss = fit(reconstruction_loss, params, sampler(images, 128, seed=0), steps)
+    params, loss = fit(
+        reconstruction_loss, params, sampler(images, 128, seed=0), steps, optimize=optimize
+    )
 
     content = np.stack([images[np.flatnonzero(labels == digit)[0]] for digit in range(6)])
     ink = images.mean(axis=(1, 2, 3))
@@ -194,7 +213,6 @@ def adain_demo(images: np.ndarray, labels: np.ndarray, steps: int, out: Path) ->
     pairs_content = np.repeat(content, len(style), axis=0)
     pairs_style = np.tile(style, (len(content), 1, 1, 1))
 
-    @jax.jit
     def restyle_and_check(params: Any, content: Array, style: Array) -> tuple[Array, Array]:
         """Re-styled images, and how far AdaIN's output features are from having the
         style features' channel means (it should be float32 round-off)."""
@@ -205,7 +223,7 @@ def adain_demo(images: np.ndarray, labels: np.ndarray, steps: int, out: Path) ->
         error = jnp.max(jnp.abs(mixed.mean(axis=(1, 2)) - style_features.mean(axis=(1, 2))))
         return restyled, error
 
-    restyled, mean_error = restyle_and_check(params, pairs_content, pairs_style)
+    restyled, mean_error = run_once(restyle_and_check, params, pairs_content, pairs_style)
     cells = np.asarray(restyled).reshape(len(content), len(style), *images.shape[1:])
 
     save_grid(
@@ -219,11 +237,13 @@ def adain_demo(images: np.ndarray, labels: np.ndarray, steps: int, out: Path) ->
     return {"adain_reconstruction_mse": loss, "adain_channel_mean_error": float(mean_error)}
 
 
-def conditional_instance_norm_demo(images: np.ndarray, steps: int, out: Path) -> dict[str, float]:
+def conditional_instance_norm_demo(
+    images: np.ndarray, steps: int, out: Path, optimize: bool = True
+) -> dict[str, float]:
     """Trains one :class:`ConditionalStyler` on every style of :data:`STYLES` and renders
     eight digits in each; saves the grid."""
     model = ConditionalStyler(num_styles=len(STYLES))
-    params = jax.jit(model.init)(jax.random.key(1), images[:1], jnp.zeros((1,), jnp.int32))
+    params = run_once(model.init, jax.random.key(1), images[:1], np.zeros((1,), np.int32))
     styles = jnp.arange(len(STYLES))
 
     def style_loss(params: Any, batch: Array) -> Array:
@@ -233,11 +253,11 @@ def conditional_instance_norm_demo(images: np.ndarray, steps: int, out: Path) ->
         targets = jnp.concatenate([apply_style(batch, s) for s in range(len(STYLES))])
         return jnp.mean((model.apply(params, inputs, ids) - targets) ** 2)
 
-    params, loss = fit(style_loss, params, sampler(images, 64, seed=1), steps)
+    params, loss = fit(style_loss, params, sampler(images, 64, seed=1), steps, optimize=optimize)
 
     content = images[:8]
     ids = np.repeat(np.arange(len(STYLES), dtype=np.int32), len(content))
-    rendered = jax.jit(model.apply)(params, np.tile(content, (len(STYLES), 1, 1, 1)), ids)
+    rendered = run_once(model.apply, params, np.tile(content, (len(STYLES), 1, 1, 1)), ids)
     cells = np.asarray(rendered).reshape(len(STYLES), *content.shape).swapaxes(0, 1)
     save_grid(
         out / "conditional_instance_norm.png",
@@ -255,14 +275,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
     parser.add_argument("--out", type=Path, default=Path("runs"))
-    parser.add_argument("--quick", action="store_true", help="CI smoke run: 10 steps")
+    parser.add_argument("--quick", action="store_true", help="CI smoke run: 10 steps, unoptimized XLA compiles")
     args = parser.parse_args(argv)
     steps = args.steps or (10 if args.quick else 300)
     args.out.mkdir(parents=True, exist_ok=True)
 
     images, labels = load_images()
-    metrics = adain_demo(images, labels, steps, args.out)
-    metrics |= conditional_instance_norm_demo(images, steps, args.out)
+    optimize = not args.quick
+    metrics = adain_demo(images, labels, steps, args.out, optimize)
+    metrics |= conditional_instance_norm_demo(images, steps, args.out, optimize)
     for name, value in metrics.items():
         print(f"{name}: {value:.2e}")
     print(f"wrote {args.out / 'adain.png'} and {args.out / 'conditional_instance_norm.png'}")

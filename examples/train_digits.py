@@ -50,7 +50,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from models import MODELS, NORM_KINDS, build_model, fold_batch_norms
 from sklearn.datasets import load_digits
@@ -58,6 +58,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 DATA_AXIS = "data"
+UNOPTIMIZED = {"xla_backend_optimization_level": 0}
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     devices: int = 1
+    optimize_compiled: bool = True  # False: compile without XLA backend optimizations (CI)
 
 
 @dataclass
@@ -188,14 +190,26 @@ def train(
     schedule = optax.cosine_decay_schedule(config.learning_rate, config.epochs * steps_per_epoch)
     optimizer = optax.adamw(schedule, weight_decay=config.weight_decay)
 
-    variables = jax.jit(model.init, static_argnames="train")(
-        jax.random.key(config.seed), data.train_images[: config.batch_size], train=False
+    def initialize(seed: jax.Array, images: jax.Array) -> tuple[Any, Any, Any]:
+        variables = model.init(jax.random.key(seed), images, train=False)
+        return variables["params"], variables.get("batch_stats", {}), optimizer.init(
+            variables["params"]
+        )
+
+    # Initialization runs once: compiling it without XLA's backend optimizations saves
+    # seconds per model (its random number generation is slow to optimize on CPU).
+    sample = data.train_images[: config.batch_size]
+    params, batch_stats, opt_state = (
+        jax.jit(initialize).lower(config.seed, sample).compile(UNOPTIMIZED)(config.seed, sample)
     )
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    if mesh is not None:
+        params, batch_stats, opt_state = jax.device_put(
+            (params, batch_stats, opt_state), NamedSharding(mesh, P())
+        )
     variables = {"params": params, "batch_stats": batch_stats}
-    opt_state = optimizer.init(params)
 
     started = time.perf_counter()
+    compiler_options = None if config.optimize_compiled else UNOPTIMIZED
     batch_shape = (config.batch_size, *data.train_images.shape[1:])
     train_step = make_train_step(model, optimizer, mesh).lower(
         params,
@@ -203,11 +217,11 @@ def train(
         opt_state,
         jax.ShapeDtypeStruct(batch_shape, jnp.float32),
         jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
-    ).compile()
+    ).compile(compiler_options)
     evaluate = (
         jax.jit(lambda variables, images: model.apply(variables, images, train=False))
         .lower(variables, data.test_images)
-        .compile()
+        .compile(compiler_options)
     )
     compile_seconds = time.perf_counter() - started
 
@@ -225,7 +239,7 @@ def train(
                 params, batch_stats, opt_state, images[step], labels[step]
             )
             losses.append(loss)
-        result.train_loss.append(float(jnp.mean(jnp.stack(losses))))
+        result.train_loss.append(float(np.mean(jax.device_get(losses))))
         result.train_seconds += time.perf_counter() - started
         result.variables = {"params": params, "batch_stats": batch_stats}
         logits = np.asarray(evaluate(result.variables, data.test_images))
@@ -271,7 +285,7 @@ def fold_and_compare(
     """Folds every conv → BatchNorm of the trained ``model_name`` into the conv and checks
     the folded model (``norm=None``) predicts the same; times jitted inference of both."""
     model, folded_model = build_model(model_name, "batch"), build_model(model_name, "none")
-    folded = fold_batch_norms(variables)
+    folded = jax.jit(fold_batch_norms)(variables)
     expected = jax.eval_shape(folded_model.init, jax.random.key(0), images[:1], train=False)
     if jax.tree.structure(expected) != jax.tree.structure(folded):
         raise ValueError(f"{model_name} has norms that do not follow a conv; cannot fold")
@@ -335,7 +349,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="train data-parallel over this many host devices")
     parser.add_argument("--out", type=Path, default=Path("runs"))
     parser.add_argument("--quick", action="store_true",
-                        help="CI smoke run: 1 epoch, norms none and batch unless given")
+                        help="CI smoke run: 1 epoch, norms none and batch unless given, "
+                        "unoptimized XLA compiles")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser.parse_args(argv)
 
@@ -350,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         learning_rate=args.learning_rate,
         seed=args.seed,
         devices=args.devices,
+        optimize_compiled=not args.quick,
     )
     data = load_digit_split()
     print(
