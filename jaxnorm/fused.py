@@ -103,23 +103,26 @@ def _backward(
     x_hat = centred_x * rstd
     dy = dy.astype(compute)
     parameter = scale if scale is not None else bias
-    if parameter is None or all(parameter.shape[a] == 1 for a in reduction):
-        # No reduction axis carries parameters (BatchNorm, InstanceNorm): scale is constant
-        # over each reduction set, so the sums the statistics need are scale times the
-        # partial sums of the parameter gradients, and x is read once for both.
-        dy_x_hat = jnp.sum(dy * x_hat, axis=reduction, keepdims=True)
-        dy_sum = (
-            jnp.sum(dy, axis=reduction, keepdims=True) if centered or bias is not None else None
-        )
+    # Reduce first over the reduction axes that carry no parameters (all of them for
+    # BatchNorm and InstanceNorm, the spatial ones for GroupNorm): those partial sums of
+    # dy·x̂ and dy give the parameter gradients and, times the scale and summed over the
+    # remaining reduction axes, the sums the statistics need; x is read once for both.
+    outer = tuple(a for a in reduction if parameter is None or parameter.shape[a] == 1)
+    inner = tuple(a for a in reduction if a not in outer)
+    need_total = centered or bias is not None
+    if outer:
+        dy_x_hat = jnp.sum(dy * x_hat, axis=outer, keepdims=True)
+        dy_sum = jnp.sum(dy, axis=outer, keepdims=True) if need_total else None
         dscale = None if scale is None else _sum_to_shape(dy_x_hat, scale.shape)
         dbias = None if bias is None else _sum_to_shape(dy_sum, bias.shape)
-        if scale is not None:
-            scale_c = scale.astype(compute)
-            g = dy * scale_c
-            correlation = dy_x_hat * scale_c
-            total = dy_sum * scale_c if centered else None
-        else:
-            g, correlation, total = dy, dy_x_hat, dy_sum
+        scale_c = None if scale is None else scale.astype(compute)
+        g = dy if scale is None else dy * scale_c
+        correlation = dy_x_hat if scale is None else dy_x_hat * scale_c
+        correlation = jnp.sum(correlation, axis=inner, keepdims=True)
+        total = None
+        if centered:
+            total = dy_sum if scale is None else dy_sum * scale_c
+            total = jnp.sum(total, axis=inner, keepdims=True)
     else:
         g = dy if scale is None else dy * scale.astype(compute)
         correlation = jnp.sum(g * x_hat, axis=reduction, keepdims=True)

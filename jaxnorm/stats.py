@@ -63,18 +63,24 @@ def _two_pass_moments(
     :math:`\sigma^2 = \frac1n\sum w_i (x_i - \mu)^2`.
 
     Exact to rounding however large :math:`|\mu|/\sigma`. When a reduction set is contiguous
-    in memory (the minor axes: LayerNorm, GroupNorm, InstanceNorm) the compiler fuses both
-    sums and the normalization into one loop whose second read hits cache, so it costs no
-    more than the one-pass formula (measured in ``benchmarks/RESULTS.md``).
+    in memory (the minor axes: LayerNorm, RMSNorm) the compiler fuses both sums and the
+    normalization into one loop whose second read hits cache. Otherwise (BatchNorm,
+    InstanceNorm, GroupNorm) an optimization barrier between the passes keeps XLA:CPU from
+    materializing :math:`x - \mu` as a separate array: each pass then streams ``x`` once, as
+    the one-pass formula's two sums do (measured in ``benchmarks/RESULTS.md``).
     """
     if mask is None:
         count = jnp.asarray(math.prod(x.shape[a] for a in axes), x.dtype)
         mean = jnp.sum(x, axis=axes, keepdims=True) / count
-        deviation = x - mean
     else:
         count = jnp.maximum(jnp.sum(mask, axis=axes, keepdims=True, dtype=x.dtype), 1)
         mean = jnp.sum(jnp.where(mask, x, 0), axis=axes, keepdims=True) / count
-        deviation = jnp.where(mask, x - mean, 0)
+    x_again, mask_again, mean_again = x, mask, mean
+    if axes != tuple(range(x.ndim - len(axes), x.ndim)):
+        x_again, mask_again, mean_again = lax.optimization_barrier((x, mask, mean))
+    deviation = x_again - mean_again
+    if mask is not None:
+        deviation = jnp.where(mask_again, deviation, 0)
     var = jnp.sum(deviation * deviation, axis=axes, keepdims=True) / count
     if not keepdims:
         mean = jnp.squeeze(mean, axes)
