@@ -268,15 +268,18 @@ class FoldReport:
         return self.batch_norm_seconds / self.folded_seconds
 
 
-def median_seconds(function: Callable[[], jax.Array], repeats: int) -> float:
-    """Median wall time of ``function()`` over ``repeats`` calls, after one warm-up."""
-    function().block_until_ready()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+def median_seconds(functions: Sequence[Callable[[], jax.Array]], repeats: int) -> list[float]:
+    """Median wall time of each ``function()`` over ``repeats`` calls, after a warm-up; the
+    functions take turns, so a busy machine slows them alike."""
+    for function in functions:
         function().block_until_ready()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in functions]
+    for _ in range(repeats):
+        for function, recorded in zip(functions, times, strict=True):
+            started = time.perf_counter()
+            function().block_until_ready()
+            recorded.append(time.perf_counter() - started)
+    return [statistics.median(recorded) for recorded in times]
 
 
 def fold_and_compare(
@@ -294,11 +297,14 @@ def fold_and_compare(
     apply_folded = jax.jit(lambda v, x: folded_model.apply(v, x, train=False))
     logits = np.asarray(apply(variables, images))
     folded_logits = np.asarray(apply_folded(folded, images))
+    batch_norm_seconds, folded_seconds = median_seconds(
+        [lambda: apply(variables, images), lambda: apply_folded(folded, images)], repeats
+    )
     return FoldReport(
         same_predictions=bool(np.array_equal(logits.argmax(-1), folded_logits.argmax(-1))),
         max_logit_difference=float(np.max(np.abs(logits - folded_logits))),
-        batch_norm_seconds=median_seconds(lambda: apply(variables, images), repeats),
-        folded_seconds=median_seconds(lambda: apply_folded(folded, images), repeats),
+        batch_norm_seconds=batch_norm_seconds,
+        folded_seconds=folded_seconds,
     )
 
 
