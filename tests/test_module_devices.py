@@ -152,3 +152,21 @@ def test_nnx_batch_norm_in_shard_map_equals_one_device():
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(stats["mean"][...], stats_ref["batch_stats"]["mean"], rtol=1e-5)
     np.testing.assert_allclose(stats["var"][...], stats_ref["batch_stats"]["var"], rtol=1e-5)
+
+
+def test_pmap_axis_index_groups_normalize_each_group_of_devices_alone():
+    x = _batch(seed=2)
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    apply = jax.pmap(
+        lambda xb: _synced(axis_index_groups=groups).apply(
+            _variables(), xb, mutable=["batch_stats"]
+        ),
+        axis_name="batch",
+    )
+    y, stats = apply(_per_device(x))
+    half = DEVICES * PER_DEVICE // 2
+    for first_device, rows in ((0, slice(0, half)), (4, slice(half, None))):
+        _assert_same(
+            (y.reshape(x.shape)[rows], jax.tree.map(lambda a, d=first_device: a[d], stats)),
+            _single_device(x[rows]),
+        )
