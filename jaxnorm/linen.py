@@ -63,6 +63,14 @@ def _scale_and_bias(
     return scale, bias
 
 
+def _moments_requested(module: nn.Module) -> bool:
+    """Whether ``apply`` named the batch-moments collection as mutable (as
+    :func:`jaxnorm.recompute_batch_stats` does); ``mutable=True`` alone does not ask for it,
+    so the variables stay Flax's."""
+    mutable = module.scope.mutable if module.scope is not None else False
+    return mutable is not True and module.is_mutable_collection(MOMENTS_COLLECTION)
+
+
 class BatchNorm(nn.Module):
     """Batch normalization (Ioffe & Szegedy 2015), a drop-in for ``flax.linen.BatchNorm``.
 
@@ -158,7 +166,7 @@ class BatchNorm(nn.Module):
             ra_mean.value, ra_var.value = running.mean, running.var
             if ra_count is not None:
                 ra_count.value = running.count
-            if self.is_mutable_collection(MOMENTS_COLLECTION):
+            if _moments_requested(self):
                 self.put_variable(MOMENTS_COLLECTION, "mean", batch.mean)
                 self.put_variable(MOMENTS_COLLECTION, "var", batch.var)
                 self.put_variable(MOMENTS_COLLECTION, "count", batch.count)

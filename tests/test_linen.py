@@ -362,3 +362,11 @@ def test_half_precision_input_normalizes_with_float32_statistics():
         assert y.dtype == run(flax_module, variables, half, mutable=["batch_stats"])[0].dtype
         assert updated["batch_stats"]["var"].dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(y, np.float64), exact, atol=4e-2)
+
+
+def test_mutable_true_returns_exactly_flax_collections():
+    x = _data((6, 4))
+    variables = _randomized(shapes(_bn(), x))
+    _, ours = run(_bn(), variables, x, mutable=True)
+    _, theirs = run(fnn.BatchNorm(use_running_average=False), variables, x, mutable=True)
+    assert _signature(ours) == _signature(theirs)
