@@ -41,6 +41,7 @@ from jaxnorm._axes import (
     feature_shape,
 )
 from jaxnorm.functional import instance_norm, normalize, resolve_num_groups
+from jaxnorm.fused import normalize_with_statistics
 from jaxnorm.stats import moments
 
 Array = jax.Array
@@ -171,14 +172,17 @@ def batch_norm_train(
             + ("" if virtual_batch_size is None else f", virtual_batch_size={virtual_batch_size}")
         )
 
-    mean, var = moments(
-        grouped,
-        reduction,
-        mask=grouped_mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        keepdims=True,
-    )
+    # the common case takes the fused path with the closed-form backward (jaxnorm.fused)
+    fused = renorm is None and axis_name is None and not isinstance(eps, jax.core.Tracer)
+    if not fused:
+        mean, var = moments(
+            grouped,
+            reduction,
+            mask=grouped_mask,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            keepdims=True,
+        )
     count = count_elements(grouped.shape, reduction, grouped_mask, axis_name, axis_index_groups)
 
     stat_shape = feature_shape(grouped.shape, stat_features)
@@ -202,17 +206,30 @@ def batch_norm_train(
         beta = d if scale_s is None else scale_s * d
         scale_s, bias_s = gamma, beta if bias_s is None else bias_s + beta
 
-    y = normalize(
-        grouped,
-        reduction,
-        scale_s,
-        bias_s,
-        feature_axes=stat_features,
-        eps=eps,
-        mean=mean,
-        var=var,
-        dtype=out_dtype,
-    ).reshape(x.shape)
+    if fused:
+        y, mean, var = normalize_with_statistics(
+            grouped,
+            None if scale_s is None else expand_to_rank(scale_s, grouped.ndim, stat_features),
+            None if bias_s is None else expand_to_rank(bias_s, grouped.ndim, stat_features),
+            grouped_mask,
+            reduction,
+            float(eps),
+            out_dtype,
+            True,
+        )
+        y = y.reshape(x.shape)
+    else:
+        y = normalize(
+            grouped,
+            reduction,
+            scale_s,
+            bias_s,
+            feature_axes=stat_features,
+            eps=eps,
+            mean=mean,
+            var=var,
+            dtype=out_dtype,
+        ).reshape(x.shape)
 
     mean, var, count = (v.reshape(stat_shape) for v in (mean, var, count))
     if virtual_batch_size is None:
