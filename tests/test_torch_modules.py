@@ -9,6 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from jaxnorm import linen as jn
@@ -123,3 +124,56 @@ def test_batch_norm_1d_momentum_none_matches_cumulative_average():
         expected = torch_layer(torch.tensor(batches[0])).numpy()
     evaluated = jax.jit(jn.BatchNorm(use_running_average=True, momentum=None).apply)
     np.testing.assert_allclose(evaluated(variables, batches[0]), expected, rtol=1e-4, atol=1e-4)
+
+
+def _torch_affine(layer, seed=3):
+    """Random affine parameters for a torch layer; returns them as NumPy."""
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.copy_(torch.tensor(rng.uniform(0.5, 1.5, parameter.shape)))
+    return {name: p.detach().numpy() for name, p in layer.named_parameters()}
+
+
+NCHW_CASES = [
+    (
+        "GroupNorm",
+        lambda: torch.nn.GroupNorm(2, 6, eps=1e-5),
+        lambda: jn.GroupNorm(num_groups=2, feature_axis=1, epsilon=1e-5),
+    ),
+    (
+        "InstanceNorm",
+        lambda: torch.nn.InstanceNorm2d(6, eps=1e-5, affine=True),
+        lambda: jn.InstanceNorm(feature_axes=1, epsilon=1e-5),
+    ),
+    (
+        "LayerNorm",
+        lambda: torch.nn.LayerNorm([6, 5, 4], eps=1e-5),
+        lambda: jn.LayerNorm(reduction_axes=(1, 2, 3), feature_axes=(1, 2, 3), epsilon=1e-5),
+    ),
+    (
+        "RMSNorm",
+        lambda: torch.nn.RMSNorm([5, 4], eps=1e-5),
+        lambda: jn.RMSNorm(reduction_axes=(2, 3), feature_axes=(2, 3), epsilon=1e-5),
+    ),
+    (
+        "LocalResponseNorm",
+        lambda: torch.nn.LocalResponseNorm(3, alpha=0.1, beta=0.75, k=1.0),
+        lambda: jn.LocalResponseNorm(size=3, alpha=0.1, beta=0.75, k=1.0, feature_axis=1),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "make_torch", "make_ours"), NCHW_CASES,
+                         ids=[case[0] for case in NCHW_CASES])
+def test_modules_match_torch_on_nchw_input(name, make_torch, make_ours):
+    x = _batches(1, (2, 6, 5, 4), seed=4)[0]
+    layer = make_torch()
+    parameters = _torch_affine(layer)
+    params = {"scale": parameters["weight"]} if "weight" in parameters else {}
+    if "bias" in parameters:
+        params["bias"] = parameters["bias"]
+    with torch.no_grad():
+        expected = layer(torch.tensor(x)).numpy()
+    y = jax.jit(make_ours().apply)({"params": params}, x)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
