@@ -1,6 +1,6 @@
 """Style lives in channel statistics: AdaIN and conditional instance norm on the digits.
 
-    python examples/style_statistics.py            # writes runs/adain.png, runs/conditional_instance_norm.png
+    python examples/style_statistics.py  # writes runs/adain.png, runs/conditional_instance_norm.png
 
 1. **AdaIN** (Huang & Belongie 2017). A small convolutional autoencoder learns to reconstruct
    the digits. Re-styling replaces the per-channel mean and standard deviation of a content
@@ -275,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
     parser.add_argument("--out", type=Path, default=Path("runs"))
-    parser.add_argument("--quick", action="store_true", help="CI smoke run: 10 steps, unoptimized XLA compiles")
+    parser.add_argument(
+        "--quick", action="store_true", help="CI smoke run: 10 steps, unoptimized XLA compiles"
+    )
     args = parser.parse_args(argv)
     steps = args.steps or (10 if args.quick else 300)
     args.out.mkdir(parents=True, exist_ok=True)

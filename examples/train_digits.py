@@ -244,7 +244,9 @@ def train(
         result.variables = {"params": params, "batch_stats": batch_stats}
         logits = np.asarray(evaluate(result.variables, data.test_images))
         result.test_accuracy_curve.append(accuracy(logits, data.test_labels))
-        epochs.set_postfix(loss=f"{result.train_loss[-1]:.3f}", acc=f"{result.test_accuracy_curve[-1]:.3f}")
+        epochs.set_postfix(
+            loss=f"{result.train_loss[-1]:.3f}", test_acc=f"{result.test_accuracy_curve[-1]:.3f}"
+        )
     result.test_accuracy = result.test_accuracy_curve[-1]
     print(
         f"{model_name}/{norm}: test accuracy {100 * result.test_accuracy:.1f}% "
@@ -376,7 +378,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     data = load_digit_split()
     print(
         f"digits: {len(data.train_images)} train / {len(data.test_images)} test, "
-        f"{args.model}, {config.epochs} epochs, {config.devices} device(s): {jax.devices()[0].platform}"
+        f"{args.model}, {config.epochs} epochs, {config.devices} {jax.devices()[0].platform} "
+        "device(s)"
     )
     progress = not args.no_progress and sys.stderr.isatty()
     results = [train(args.model, norm, data, config, progress=progress) for norm in norms]

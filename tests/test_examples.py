@@ -111,20 +111,14 @@ def test_train_digits_quick_run_writes_results_plot_and_folds(tmp_path: Path, ca
     assert "speed-up" in output
 
 
-@pytest.mark.parametrize(("model_name", "norm"), [("darknet", "batch"), ("densenet", "group")])
-def test_train_digits_runs_the_other_models(
-    tmp_path: Path, capsys, model_name: str, norm: str
-) -> None:
+def test_train_digits_trains_and_folds_the_darknet(tmp_path: Path, capsys) -> None:
     (record,) = train_digits.main(
-        ["--quick", "--no-progress", "--model", model_name, "--norms", norm, "--out", str(tmp_path)]
+        ["--quick", "--no-progress", "--model", "darknet", "--norms", "batch"]
+        + ["--out", str(tmp_path)]
     )
-    assert record["model"] == model_name and record["norm"] == norm
+    assert record["model"] == "darknet" and record["norm"] == "batch"
     assert record["test_accuracy"] > 0.2
-    output = capsys.readouterr().out
-    if model_name == "darknet":
-        assert "same predictions on all 450 test images" in output
-    else:
-        assert "nothing to fold" in output
+    assert "same predictions on all 450 test images" in capsys.readouterr().out
 
 
 def test_data_parallel_synchronized_batch_norm_trains_like_one_device(
@@ -138,7 +132,10 @@ def test_data_parallel_synchronized_batch_norm_trains_like_one_device(
     )
     runs = [
         train_digits.train(
-            "resnet", "batch", subset, train_digits.TrainConfig(epochs=1, devices=devices, optimize_compiled=False),
+            "resnet",
+            "batch",
+            subset,
+            train_digits.TrainConfig(epochs=1, devices=devices, optimize_compiled=False),
             progress=False,
         )
         for devices in (1, 2)
