@@ -253,12 +253,15 @@ class Darknet(nn.Module):
 MODELS: dict[str, type[nn.Module]] = {"resnet": ResNet, "densenet": DenseNet, "darknet": Darknet}
 
 
-def build_model(name: str, norm: str, *, axis_name: str | None = None) -> nn.Module:
+def build_model(
+    name: str, norm: str, *, axis_name: str | None = None, virtual_batch_size: int = 16
+) -> nn.Module:
     """The model ``name`` (``resnet``, ``densenet`` or ``darknet``) with normalization
-    ``norm`` (one of :data:`NORM_KINDS`)."""
+    ``norm`` (one of :data:`NORM_KINDS`); see :func:`norm_factory` for the options."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {tuple(MODELS)}, got {name!r}")
-    return MODELS[name](norm=norm_factory(norm, axis_name=axis_name))
+    factory = norm_factory(norm, axis_name=axis_name, virtual_batch_size=virtual_batch_size)
+    return MODELS[name](norm=factory)
 
 
 def fold_batch_norms(variables: Mapping[str, Any], *, eps: float = 1e-5) -> dict[str, Any]:

@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 DATA_AXIS = "data"
 UNOPTIMIZED = {"xla_backend_optimization_level": 0}
+GHOST_BATCH_SIZE = 16  # ghost batch norm: examples per statistics group (at most per device)
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,14 @@ def make_train_step(
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             return loss, updates.get("batch_stats", {})
 
-        (loss, new_batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        if mesh is not None:
+        if mesh is None:
+            (loss, new_batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        else:
+            # each device differentiates its own copy of the parameters (its local gradient)
+            local_params = lax.pcast(params, DATA_AXIS, to="varying")
+            (loss, new_batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                local_params
+            )
             grads, loss, new_batch_stats = lax.pmean((grads, loss, new_batch_stats), DATA_AXIS)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_batch_stats, opt_state, loss
@@ -185,7 +192,13 @@ def train(
     mesh = data_mesh(config.devices)
     if config.batch_size % config.devices:
         raise ValueError(f"--batch-size {config.batch_size} must divide over {config.devices}")
-    model = build_model(model_name, norm, axis_name=None if mesh is None else DATA_AXIS)
+    local_batch_size = config.batch_size // config.devices
+    model = build_model(
+        model_name,
+        norm,
+        axis_name=None if mesh is None else DATA_AXIS,
+        virtual_batch_size=min(GHOST_BATCH_SIZE, local_batch_size),
+    )
     steps_per_epoch = len(data.train_images) // config.batch_size
     schedule = optax.cosine_decay_schedule(config.learning_rate, config.epochs * steps_per_epoch)
     optimizer = optax.adamw(schedule, weight_decay=config.weight_decay)
