@@ -11,12 +11,13 @@ statistics differ from Flax's (``use_fast_variance`` is accepted for compatibili
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes
@@ -30,6 +31,7 @@ from jaxnorm.functional import (
     normalize,
     resolve_num_groups,
 )
+from jaxnorm.precise import PooledMoments
 from jaxnorm.running import (
     RunningStatistics,
     batch_norm_train,
@@ -125,6 +127,8 @@ class BatchNorm(nnx.Module):
         self.promote_dtype = promote_dtype
         self.unbiased_running_var = unbiased_running_var
         self.virtual_batch_size = virtual_batch_size
+        # Set by jaxnorm.nnx.recompute_batch_stats: sow each batch's moments.
+        self.report_batch_moments = False
 
     def _renorm_limits(self) -> tuple[float, float] | None:
         """``(r_max, d_max)`` for batch renormalization; ``None`` for plain BatchNorm."""
@@ -176,6 +180,8 @@ class BatchNorm(nnx.Module):
         self.var[...] = running.var
         if self.count is not None:
             self.count[...] = running.count
+        if self.report_batch_moments:
+            self.sow(nnx.Intermediate, "batch_moments", (batch.mean, batch.var, batch.count))
         return y
 
     def set_view(self, use_running_average: bool | None = None) -> None:
@@ -494,3 +500,52 @@ class ConditionalInstanceNorm(nnx.Module):
             x, style_id, _value(self.scale), _value(self.bias),
             feature_axes=self.feature_axes, eps=self.epsilon, mask=mask, dtype=self.dtype,
         )
+
+
+def recompute_batch_stats(model: nnx.Module, batches: Iterable[Any]) -> nnx.Module:
+    """Precise BatchNorm for NNX, in place: every :class:`BatchNorm` / :class:`BatchRenorm`
+    in ``model`` gets the exact population ``mean``/``var`` over ``batches``.
+
+    ``model(batch)`` runs once per batch (under ``nnx.jit``) with those layers in training
+    mode and their statistics held fixed; other layers (Dropout, ...) keep their mode. The
+    batch moments are pooled exactly as :func:`jaxnorm.recompute_batch_stats` does. Each
+    batch is passed as the one positional input. Returns ``model``.
+    """
+    found = [(path, layer) for path, layer in nnx.iter_modules(model)
+             if isinstance(layer, BatchNorm)]
+    if not found:
+        raise ValueError("recompute_batch_stats found no jaxnorm.nnx BatchNorm in the model")
+    paths, layers = zip(*found, strict=True)
+    modes = [layer.use_running_average for layer in layers]
+    fixed = nnx.clone(nnx.state(model, nnx.BatchStat))
+    pools = [PooledMoments() for _ in layers]
+
+    @nnx.jit
+    def forward(module: nnx.Module, batch: Any) -> nnx.State:
+        return nnx.capture(module, nnx.Intermediate)(batch)[1]
+
+    try:
+        for layer in layers:
+            layer.use_running_average, layer.report_batch_moments = False, True
+        num_batches = 0
+        for batch in batches:
+            captured = forward(model, batch)
+            num_batches += 1
+            for path, pool in zip(paths, pools, strict=True):
+                moments = captured
+                for key in (*path, "batch_moments"):
+                    moments = moments[key]
+                ((mean, var, count),) = moments.get_value()
+                pool.add(np.asarray(count), np.asarray(mean), np.asarray(var))
+            nnx.update(model, fixed)
+    finally:
+        for layer, mode in zip(layers, modes, strict=True):
+            layer.use_running_average, layer.report_batch_moments = mode, False
+    if not num_batches:
+        raise ValueError("recompute_batch_stats needs at least one batch")
+    for layer, pool in zip(layers, pools, strict=True):
+        layer.mean[...] = jnp.asarray(pool.mean, layer.mean.dtype)
+        layer.var[...] = jnp.asarray(pool.variance(layer.unbiased_running_var), layer.var.dtype)
+        if layer.count is not None:
+            layer.count[...] = jnp.asarray(num_batches, layer.count.dtype)
+    return model

@@ -16,7 +16,8 @@ Chan et al. (1979)'s exact parallel formula in float64,
     M_2 = M_{2,a} + n_b\sigma^2_b + \delta^2 n_a n_b / n,
 
 giving :math:`\sigma^2 = M_2/n` (or :math:`M_2/(n-1)` for layers with
-``unbiased_running_var``). Layers with ``momentum=None`` get ``count`` = the number of
+``unbiased_running_var``). :func:`jaxnorm.nnx.recompute_batch_stats` does the same for
+NNX models, in place. Layers with ``momentum=None`` get ``count`` = the number of
 batches. For ghost-batch layers (``virtual_batch_size``) the per-batch variance is the
 pooled within-ghost-batch variance, and the combination adds the spread between batches.
 """
@@ -34,8 +35,9 @@ from flax.core import FrozenDict, freeze, unfreeze
 from jaxnorm.running import MOMENTS_COLLECTION
 
 
-class _Pooled:
-    """Count, mean and sum of squared deviations, merged batch by batch (float64)."""
+class PooledMoments:
+    """Count, mean and sum of squared deviations, merged batch by batch in float64 with
+    Chan et al.'s formula (shared with :func:`jaxnorm.nnx.recompute_batch_stats`)."""
 
     def __init__(self) -> None:
         self.count: np.ndarray | float = 0.0
@@ -78,7 +80,7 @@ def recompute_batch_stats(
         return mutated.get(MOMENTS_COLLECTION, {})
 
     forward = jax.jit(moments_of)
-    pooled: dict[tuple[str, ...], _Pooled] = {}
+    pooled: dict[tuple[str, ...], PooledMoments] = {}
     unbiased: dict[tuple[str, ...], bool] = {}
     num_batches = 0
     for batch in batches:
@@ -88,7 +90,7 @@ def recompute_batch_stats(
             layer = path[:-1]
             moments = {k: np.asarray(captured[layer + (k,)], np.float64)
                        for k in ("count", "mean", "var")}
-            pooled.setdefault(layer, _Pooled()).add(
+            pooled.setdefault(layer, PooledMoments()).add(
                 moments["count"], moments["mean"], moments["var"]
             )
             unbiased[layer] = bool(np.all(captured[layer + ("unbiased",)]))

@@ -9,10 +9,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from flax.core import FrozenDict, freeze
 
 import jaxnorm
 from jaxnorm import linen as jl
+from jaxnorm import nnx as jx
 
 EPS = 1e-5
 
@@ -97,3 +99,35 @@ def test_evaluation_mode_apply_fn_is_an_error():
         jaxnorm.recompute_batch_stats(
             functools.partial(model.apply, train=False), variables, batches
         )
+
+
+class NnxTwoBatchNorms(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.first = jx.BatchNorm(4, rngs=rngs)
+        self.dense = nnx.Linear(4, 3, rngs=rngs)
+        self.second = jx.BatchNorm(3, momentum=None, unbiased_running_var=True, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.second(self.dense(self.first(x)))
+
+
+def test_nnx_recompute_matches_linen_in_place_and_restores_the_mode():
+    model, batches = TwoBatchNorms(), _batches()
+    variables = _variables(model, batches[0])
+    expected = _expected(variables, batches)
+    nnx_model = NnxTwoBatchNorms(nnx.Rngs(0))
+    for layer, names in (("first", ("scale", "bias")), ("dense", ("kernel", "bias")),
+                         ("second", ("scale", "bias"))):
+        for name in names:
+            getattr(getattr(nnx_model, layer), name)[...] = variables["params"][layer][name]
+    nnx_model.eval()
+    jx.recompute_batch_stats(nnx_model, batches)
+    for layer in ("first", "second"):
+        for name in ("mean", "var"):
+            np.testing.assert_allclose(
+                getattr(getattr(nnx_model, layer), name)[...], expected[layer][name],
+                rtol=1e-5, atol=1e-5, err_msg=f"{layer}/{name}",
+            )
+    assert int(nnx_model.second.count[...]) == 3
+    assert nnx_model.first.use_running_average and nnx_model.second.use_running_average
+    assert not nnx.state(nnx_model, nnx.Intermediate)
