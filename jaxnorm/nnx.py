@@ -7,6 +7,7 @@ The same set as :mod:`jaxnorm.linen`, in ``flax.nnx`` style and drop-in for the
 ``model.eval()`` (or ``nnx.view``) toggle ``use_running_average``. The statistics math is
 shared with Linen in :mod:`jaxnorm.running`; see :mod:`jaxnorm.linen` for how the
 statistics differ from Flax's (``use_fast_variance`` is accepted for compatibility).
+:func:`recompute_batch_stats` (precise BN) recomputes a model's statistics in place.
 """
 
 from __future__ import annotations
