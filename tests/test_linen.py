@@ -322,10 +322,10 @@ def test_conditional_instance_norm_selects_and_mixes_style_parameters():
         atol=1e-5,
     )
     np.testing.assert_allclose(
-        apply(variables, x, jax.nn.one_hot(ids, 3)), by_id, rtol=1e-5, atol=1e-5
+        apply(variables, x, np.eye(3, dtype=np.float32)[ids]), by_id, rtol=1e-5, atol=1e-5
     )
     np.testing.assert_allclose(
-        module.apply(variables, x, 1), normalized * scale[1] + bias[1], rtol=1e-5, atol=1e-5
+        apply(variables, x, np.int32(1)), normalized * scale[1] + bias[1], rtol=1e-5, atol=1e-5
     )
     mix = np.array([[0.5, 0.5, 0.0]] * 3, np.float32)
     np.testing.assert_allclose(
