@@ -11,7 +11,9 @@ with weights :math:`w_i \in \{0, 1\}` (the mask),
 where the shift :math:`s` is one element of the data (the first one, or the largest
 unmasked one under a mask). Shifting by a value near the mean removes the cancellation of
 the textbook :math:`E[x^2]-E[x]^2` (Chan, Golub & LeVeque 1983) while both sums still fuse
-into a single pass over ``x``; a constant input gives exactly zero variance.
+into a single pass over ``x``; a constant input gives exactly zero variance. That is the
+cross-device path (one collective for all sums). On one device the statistics have the
+accuracy of the two-pass formula at the cost of one pass (see :func:`_local_moments`).
 
 Across a mapped axis the shift is agreed first (``pmax``), then the sums and counts are
 added (``psum``): the result is the statistics of the concatenated batch, exact when
@@ -56,32 +58,61 @@ def _shift(
     return lax.stop_gradient(shift)
 
 
-def _two_pass_moments(
+# Largest mean² / var for which the one-pass variance is used locally: its rounding error
+# is then at most (1 + this) times that of the two-pass formula's (see _local_moments).
+ONE_PASS_CONDITION_LIMIT = 16.0
+
+
+def _centred_mean_square(
+    x: jax.Array, mean: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, count: jax.Array
+) -> jax.Array:
+    r""":math:`\frac1n\sum w_i (x_i - \mu)^2`, the second pass of the two-pass variance."""
+    deviation = x - mean
+    if mask is not None:
+        deviation = jnp.where(mask, deviation, 0)
+    return jnp.sum(deviation * deviation, axis=axes, keepdims=True) / count
+
+
+def _local_moments(
     x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, keepdims: bool
 ) -> tuple[jax.Array, jax.Array]:
-    r"""Local statistics in two passes: :math:`\mu = \frac1n\sum w_i x_i`, then
-    :math:`\sigma^2 = \frac1n\sum w_i (x_i - \mu)^2`.
+    r"""Statistics on one device with the accuracy of the two-pass variance.
 
-    Exact to rounding however large :math:`|\mu|/\sigma`. When a reduction set is contiguous
-    in memory (the minor axes: LayerNorm, RMSNorm) the compiler fuses both sums and the
-    normalization into one loop whose second read hits cache. Otherwise (BatchNorm,
-    InstanceNorm, GroupNorm) an optimization barrier between the passes keeps XLA:CPU from
-    materializing :math:`x - \mu` as a separate array: each pass then streams ``x`` once, as
-    the one-pass formula's two sums do (measured in ``benchmarks/RESULTS.md``).
+    :math:`\mu = \frac1n\sum w_i x_i` and :math:`\sigma^2 = \frac1n\sum w_i (x_i -
+    \mu)^2` (two passes), exact to rounding however large :math:`|\mu|/\sigma`.
+
+    When a reduction set is contiguous in memory (the minor axes: LayerNorm, RMSNorm) XLA
+    fuses both passes and the normalization into one loop whose second read hits cache, so
+    the two passes cost no more than one. When it is strided (BatchNorm, InstanceNorm,
+    GroupNorm) the second pass is a second sweep over ``x`` that must wait for the first.
+    There, :math:`E[x^2]` is summed in the same sweep as :math:`E[x]` and
+    :math:`\sigma^2 = E[x^2] - \mu^2` is kept when every set has :math:`\mu^2 \le 16
+    \sigma^2`: the formula's rounding error is :math:`(E[x^2]/\sigma^2)\,\delta \le 17\,\delta`
+    for a relative error :math:`\delta` of the sums, against :math:`\delta` for two passes.
+    Otherwise (the cancellation case: large offsets, constant inputs) ``lax.cond`` runs the
+    second pass. Measurements in ``benchmarks/RESULTS.md``.
     """
+    weighted = x if mask is None else jnp.where(mask, x, 0)
     if mask is None:
         count = jnp.asarray(math.prod(x.shape[a] for a in axes), x.dtype)
-        mean = jnp.sum(x, axis=axes, keepdims=True) / count
     else:
         count = jnp.maximum(jnp.sum(mask, axis=axes, keepdims=True, dtype=x.dtype), 1)
-        mean = jnp.sum(jnp.where(mask, x, 0), axis=axes, keepdims=True) / count
-    x_again, mask_again, mean_again = x, mask, mean
-    if axes != tuple(range(x.ndim - len(axes), x.ndim)):
-        x_again, mask_again, mean_again = lax.optimization_barrier((x, mask, mean))
-    deviation = x_again - mean_again
-    if mask is not None:
-        deviation = jnp.where(mask_again, deviation, 0)
-    var = jnp.sum(deviation * deviation, axis=axes, keepdims=True) / count
+    mean = jnp.sum(weighted, axis=axes, keepdims=True) / count
+    if axes == tuple(range(x.ndim - len(axes), x.ndim)):
+        var = _centred_mean_square(x, mean, axes, mask, count)
+    else:
+        mean_square = jnp.sum(weighted * x, axis=axes, keepdims=True) / count
+        one_pass = jnp.maximum(mean_square - mean * mean, 0)
+        well_conditioned = jnp.all(mean * mean <= ONE_PASS_CONDITION_LIMIT * one_pass)
+        var = lax.cond(
+            well_conditioned,
+            lambda x, mean, mask, one_pass: one_pass,
+            lambda x, mean, mask, one_pass: _centred_mean_square(x, mean, axes, mask, count),
+            x,
+            mean,
+            mask,
+            one_pass,
+        )
     if not keepdims:
         mean = jnp.squeeze(mean, axes)
         var = jnp.squeeze(var, axes)
@@ -120,7 +151,7 @@ def moments(
     x = x.astype(statistics_dtype(x.dtype))
 
     if centered and axis_name is None:
-        return _two_pass_moments(x, axes, mask, keepdims)
+        return _local_moments(x, axes, mask, keepdims)
     if centered:
         shift = _shift(x, axes, mask, axis_name, axis_index_groups)
         deviation = x - shift
