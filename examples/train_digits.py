@@ -304,7 +304,9 @@ def fold_and_compare(
     the folded model (``norm=None``) predicts the same; times jitted inference of both."""
     model, folded_model = build_model(model_name, "batch"), build_model(model_name, "none")
     folded = jax.jit(fold_batch_norms)(variables)
-    expected = jax.eval_shape(folded_model.init, jax.random.key(0), images[:1], train=False)
+    expected = jax.eval_shape(
+        lambda: folded_model.init(jax.random.key(0), images[:1], train=False)
+    )
     if jax.tree.structure(expected) != jax.tree.structure(folded):
         raise ValueError(f"{model_name} has norms that do not follow a conv; cannot fold")
     images = jnp.asarray(images)
