@@ -233,19 +233,18 @@ class Darknet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        def block(features: int, kernel: int, name: str) -> Callable[[Array], Array]:
-            layer = ConvNorm(
+        def conv_block(x: Array, features: int, kernel: int, name: str) -> Array:
+            return ConvNorm(
                 features, self.norm, kernel_size=(kernel, kernel), activation=leaky_relu, name=name
-            )
-            return lambda y: layer(y, train)
+            )(x, train)
 
-        x = block(16, 3, "conv_block0")(x)
+        x = conv_block(x, 16, 3, "conv_block0")
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = block(32, 3, "conv_block1")(x)
+        x = conv_block(x, 32, 3, "conv_block1")
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = block(64, 3, "conv_block2")(x)
-        x = block(32, 1, "conv_block3")(x)
-        x = block(64, 3, "conv_block4")(x)
+        x = conv_block(x, 64, 3, "conv_block2")
+        x = conv_block(x, 32, 1, "conv_block3")
+        x = conv_block(x, 64, 3, "conv_block4")
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="classifier")(x)
 
@@ -269,7 +268,8 @@ def fold_batch_norms(variables: Mapping[str, Any], *, eps: float = 1e-5) -> dict
     evaluation-mode outputs of ``variables``: every :class:`ConvNorm` ``conv`` → BatchNorm
     ``norm`` pair becomes one conv with kernel and bias from :func:`jaxnorm.fold_batch_norm`.
 
-    Only conv → norm pairs fold; a norm before a conv (DenseNet's pre-activation) does not.
+    Only conv → norm pairs fold; a norm before a conv (DenseNet's pre-activation) raises
+    ``ValueError``.
     """
 
     def fold(params: Mapping[str, Any], stats: Mapping[str, Any]) -> dict[str, Any]:
