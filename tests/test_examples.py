@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -118,14 +119,25 @@ def test_train_digits_quick_run_writes_results_plot_and_folds(tmp_path: Path, ca
     assert "speed-up" in output
 
 
-def test_train_digits_trains_and_folds_the_darknet(tmp_path: Path, capsys) -> None:
-    (record,) = train_digits.main(
-        ["--quick", "--no-progress", "--model", "darknet", "--norms", "batch"]
-        + ["--out", str(tmp_path)]
+def test_train_digits_command_line_trains_darknet_on_two_devices_and_folds(
+    tmp_path: Path,
+) -> None:
+    # a fresh process: --devices 2 itself must make XLA create the two host devices
+    environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [str(EXAMPLES.parent), environment.get("PYTHONPATH", "")]
     )
-    assert record["model"] == "darknet" and record["norm"] == "batch"
+    command = [sys.executable, str(EXAMPLES / "train_digits.py"), "--quick", "--devices", "2"]
+    command += ["--model", "darknet", "--norms", "batch", "--out", str(tmp_path)]
+    finished = subprocess.run(
+        command, env=environment, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "2 cpu device(s)" in finished.stdout
+    assert "same predictions on all 450 test images" in finished.stdout
+    (record,) = json.loads((tmp_path / "results.json").read_text())
+    assert (record["model"], record["norm"]) == ("darknet", "batch")
     assert record["test_accuracy"] > 0.2
-    assert "same predictions on all 450 test images" in capsys.readouterr().out
 
 
 def test_data_parallel_step_with_synchronized_batch_norm_equals_the_one_device_step(
