@@ -103,7 +103,7 @@ def _local_moments(
     else:
         mean_square = jnp.sum(weighted * x, axis=axes, keepdims=True) / count
         one_pass = jnp.maximum(mean_square - mean * mean, 0)
-        well_conditioned = jnp.all(mean * mean <= ONE_PASS_CONDITION_LIMIT * one_pass)
+        well_conditioned = jnp.max(mean * mean - ONE_PASS_CONDITION_LIMIT * one_pass) <= 0
         var = lax.cond(
             well_conditioned,
             lambda x, mean, mask, one_pass: one_pass,
