@@ -99,24 +99,37 @@ def _backward(
     x, scale, bias, mask, mean, rstd = residuals
     dy, dmean, dvar = cotangents
     compute = rstd.dtype
-    centred_x = x.astype(compute) - mean.astype(compute) if centered else x.astype(compute)
-    x_hat = centred_x * rstd
-    dy = dy.astype(compute)
     parameter = scale if scale is not None else bias
-    # Reduce first over the reduction axes that carry no parameters (all of them for
-    # BatchNorm and InstanceNorm, the spatial ones for GroupNorm): those partial sums of
-    # dy·x̂ and dy give the parameter gradients and, times the scale and summed over the
-    # remaining reduction axes, the sums the statistics need; x is read once for both.
+    # Reduction axes that carry no parameters: all of them for BatchNorm and InstanceNorm,
+    # the spatial ones for GroupNorm, none for LayerNorm and RMSNorm.
     outer = tuple(a for a in reduction if parameter is None or parameter.shape[a] == 1)
     inner = tuple(a for a in reduction if a not in outer)
+    views = ((x, mean, rstd, dy, scale),) * 3
+    if not outer:
+        # XLA:CPU stores any value that several fusions share (x̂, broadcasts of r and γ)
+        # as a full-size array. Here each group of consumers gets its own barrier-separated
+        # view of the residuals, so that each fusion recomputes x̂ from x as it streams it.
+        # (With parameter-free axes there are only two groups, and the barrier would make
+        # XLA copy reshaped half-precision inputs instead: measured slower for GroupNorm.)
+        views = lax.optimization_barrier(views)
+    sums_view, dx_view, parameters_view = views
+
+    def normalized(view: tuple[Any, ...]) -> tuple[Array, Array, Array, Array | None, Array]:
+        x, mean, rstd, dy, scale = view
+        centred_x = x.astype(compute) - mean.astype(compute) if centered else x.astype(compute)
+        scale = None if scale is None else scale.astype(compute)
+        return centred_x, centred_x * rstd, dy.astype(compute), scale, rstd
+
+    _, x_hat, dy_, scale_c, _ = normalized(sums_view)
+    # Reduce first over the parameter-free axes: those partial sums of dy·x̂ and dy give the
+    # parameter gradients and, times the scale and summed over the remaining reduction
+    # axes, the sums the statistics need; x is read once for both.
     need_total = centered or bias is not None
     if outer:
-        dy_x_hat = jnp.sum(dy * x_hat, axis=outer, keepdims=True)
-        dy_sum = jnp.sum(dy, axis=outer, keepdims=True) if need_total else None
+        dy_x_hat = jnp.sum(dy_ * x_hat, axis=outer, keepdims=True)
+        dy_sum = jnp.sum(dy_, axis=outer, keepdims=True) if need_total else None
         dscale = None if scale is None else _sum_to_shape(dy_x_hat, scale.shape)
         dbias = None if bias is None else _sum_to_shape(dy_sum, bias.shape)
-        scale_c = None if scale is None else scale.astype(compute)
-        g = dy if scale is None else dy * scale_c
         correlation = dy_x_hat if scale is None else dy_x_hat * scale_c
         correlation = jnp.sum(correlation, axis=inner, keepdims=True)
         total = None
@@ -124,11 +137,14 @@ def _backward(
             total = dy_sum if scale is None else dy_sum * scale_c
             total = jnp.sum(total, axis=inner, keepdims=True)
     else:
-        g = dy if scale is None else dy * scale.astype(compute)
+        g = dy_ if scale is None else dy_ * scale_c
         correlation = jnp.sum(g * x_hat, axis=reduction, keepdims=True)
         total = jnp.sum(g, axis=reduction, keepdims=True) if centered else None
-        dscale = None if scale is None else _sum_to_shape(dy * x_hat, scale.shape)
-        dbias = None if bias is None else _sum_to_shape(dy, bias.shape)
+        _, x_hat_p, dy_p, _, _ = normalized(parameters_view)
+        dscale = None if scale is None else _sum_to_shape(dy_p * x_hat_p, scale.shape)
+        dbias = None if bias is None else _sum_to_shape(dy_p, bias.shape)
+    centred_x, x_hat, dy, scale_c, rstd = normalized(dx_view)
+    g = dy if scale is None else dy * scale_c
     if mask is None:
         count = jnp.asarray(math.prod(x.shape[a] for a in reduction), compute)
     else:
