@@ -1,26 +1,21 @@
-r"""Normalization with its statistics, and the closed-form backward pass.
+r"""Normalization with its statistics, and its closed-form derivative.
 
 The hot path of every variant: :math:`\mu, \sigma^2` from :func:`jaxnorm.moments`, then
 :math:`y = \hat x \gamma + \beta` with :math:`\hat x = (x - \mu)\,r`,
-:math:`r = (\sigma^2 + \epsilon)^{-1/2}`. Automatic differentiation of that graph keeps the
-cotangents of every intermediate; the backward pass written out instead saves only
-:math:`x`, :math:`\mu` and :math:`r` and computes, per reduction set :math:`S` of
-:math:`n` (unmasked) elements with weights :math:`w_i` (the mask),
+:math:`r = (\sigma^2 + \epsilon)^{-1/2}`. Differentiating that graph op by op would carry
+the derivative through the branches and shifts of the stable statistics; instead a
+``custom_jvp`` states the linearization in closed form (Ioffe & Szegedy 2015, section 3),
+per reduction set :math:`S` of :math:`n` unmasked elements (weights :math:`w`):
 
 .. math::
-    g = \bar y\,\gamma,\qquad
-    \bar x = r\Big(g - \frac{w}{n}\big(\textstyle\sum_S g
-                 + \hat x \sum_S g \hat x\big)\Big)
-             + \frac{w}{n}\big(\bar\mu + 2 (x - \mu)\,\overline{\sigma^2}\big),
+    \dot{\hat x} = r\,(\dot x - m_1 - \hat x\, m_2),\quad
+    m_1 = \tfrac1n\textstyle\sum_S w\dot x,\quad m_2 = \tfrac1n\sum_S w\hat x\dot x,
+    \qquad \dot\mu = m_1,\quad \dot{\sigma^2} = 2 m_2 / r,
 
-:math:`\bar\gamma = \sum \bar y \hat x`, :math:`\bar\beta = \sum \bar y` over the axes that
-do not carry :math:`\gamma, \beta` (Ioffe & Szegedy 2015, section 3). Without centring (RMS
-normalization) :math:`\mu = 0` and the :math:`\sum g` term drops. Masked-out elements
-are normalized too, so the sums run over all of :math:`S`; only :math:`\partial\mu/\partial
-x_i = w_i/n` carries the mask. :math:`\bar\mu,
-\overline{\sigma^2}` are the cotangents of the returned statistics (BatchNorm returns them).
-The backward pass is plain ``jax.numpy``, so it can itself be differentiated (reverse over
-reverse); forward-mode differentiation goes through the unfused path.
+(:math:`m_1 = 0` without centring). JAX transposes it for reverse mode, which gives the
+textbook backward :math:`\bar x = r\gamma\bar y - \frac{w}{n}(\sum r\gamma\bar y + \hat x
+\sum r\gamma\bar y\hat x)`; being a JVP it also serves forward mode (``jvp``,
+``jacfwd``, ``hessian``), and it is plain ``jax.numpy``, so every order differentiates.
 """
 
 from __future__ import annotations
@@ -38,13 +33,7 @@ from jaxnorm.stats import moments, statistics_dtype
 Array = jax.Array
 
 
-def _sum_to_shape(value: Array, shape: tuple[int, ...]) -> Array:
-    """Sums a broadcast ``value`` back to ``shape`` (the transpose of broadcasting)."""
-    axes = tuple(a for a, size in enumerate(shape) if size == 1 and value.shape[a] != 1)
-    return jnp.sum(value, axis=axes, keepdims=True).reshape(shape)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
 def normalize_with_statistics(
     x: Array,
     scale: Array | None,
@@ -87,82 +76,102 @@ def _forward(
     return (y.astype(dtype), mean, var), residuals
 
 
-def _backward(
+def _tangent(
     reduction: tuple[int, ...],
     eps: float,
     dtype: Any,
     centered: bool,
-    residuals: tuple[Any, ...],
-    cotangents: tuple[Array, Array, Array],
-) -> tuple[Array, Array | None, Array | None, None]:
-    del eps, dtype
-    x, scale, bias, mask, mean, rstd = residuals
-    dy, dmean, dvar = cotangents
+    primals: tuple[Any, ...],
+    tangents: tuple[Any, ...],
+) -> tuple[tuple[Array, Array, Array], tuple[Array, Array, Array]]:
+    r"""The closed-form linearization, arranged so that its transpose is cheap.
+
+    With :math:`m_1 = \frac1n\sum_S w\,\dot x`, :math:`m_2 = \frac1n\sum_S w\,\hat x\,\dot x`
+    and :math:`a = r\gamma`: :math:`\dot y = a\,\dot x + \hat x\,(\dot\gamma - a m_2) +
+    (\dot\beta - a m_1)`, :math:`\dot\mu = m_1`, :math:`\dot{\sigma^2} = 2 m_2 / r`.
+    The bracketed coefficients live on the small shape of statistics and parameters
+    together, so the transpose (reverse mode) reads ``x`` and the cotangent in just two
+    sums, :math:`\sum \bar y\hat x` and :math:`\sum \bar y`, shared by the parameter
+    gradients and the gradient through the statistics.
+    """
+    x, scale, bias, mask = primals
+    dx, dscale, dbias, _ = tangents
+    (y, mean, var), (_, _, _, _, _, rstd) = _forward(
+        x, scale, bias, mask, reduction, eps, dtype, centered
+    )
     compute = rstd.dtype
-    parameter = scale if scale is not None else bias
-    # Reduction axes that carry no parameters: all of them for BatchNorm and InstanceNorm,
-    # the spatial ones for GroupNorm, none for LayerNorm and RMSNorm.
-    outer = tuple(a for a in reduction if parameter is None or parameter.shape[a] == 1)
-    inner = tuple(a for a in reduction if a not in outer)
-    views = ((x, mean, rstd, dy, scale),) * 3
-    if not outer:
-        # XLA:CPU stores any value that several fusions share (x̂, broadcasts of r and γ)
-        # as a full-size array. Here each group of consumers gets its own barrier-separated
-        # view of the residuals, so that each fusion recomputes x̂ from x as it streams it.
-        # (With parameter-free axes there are only two groups, and the barrier would make
-        # XLA copy reshaped half-precision inputs instead: measured slower for GroupNorm.)
-        views = lax.optimization_barrier(views)
-    sums_view, dx_view, parameters_view = views
-
-    def normalized(view: tuple[Any, ...]) -> tuple[Array, Array, Array, Array | None, Array]:
-        x, mean, rstd, dy, scale = view
-        centred_x = x.astype(compute) - mean.astype(compute) if centered else x.astype(compute)
-        scale = None if scale is None else scale.astype(compute)
-        return centred_x, centred_x * rstd, dy.astype(compute), scale, rstd
-
-    _, x_hat, dy_, scale_c, _ = normalized(sums_view)
-    # Reduce first over the parameter-free axes: those partial sums of dy·x̂ and dy give the
-    # parameter gradients and, times the scale and summed over the remaining reduction
-    # axes, the sums the statistics need; x is read once for both.
-    need_total = centered or bias is not None
-    if outer:
-        dy_x_hat = jnp.sum(dy_ * x_hat, axis=outer, keepdims=True)
-        dy_sum = jnp.sum(dy_, axis=outer, keepdims=True) if need_total else None
-        dscale = None if scale is None else _sum_to_shape(dy_x_hat, scale.shape)
-        dbias = None if bias is None else _sum_to_shape(dy_sum, bias.shape)
-        correlation = dy_x_hat if scale is None else dy_x_hat * scale_c
-        correlation = jnp.sum(correlation, axis=inner, keepdims=True)
-        total = None
-        if centered:
-            total = dy_sum if scale is None else dy_sum * scale_c
-            total = jnp.sum(total, axis=inner, keepdims=True)
-    else:
-        g = dy_ if scale is None else dy_ * scale_c
-        correlation = jnp.sum(g * x_hat, axis=reduction, keepdims=True)
-        total = jnp.sum(g, axis=reduction, keepdims=True) if centered else None
-        _, x_hat_p, dy_p, _, _ = normalized(parameters_view)
-        dscale = None if scale is None else _sum_to_shape(dy_p * x_hat_p, scale.shape)
-        dbias = None if bias is None else _sum_to_shape(dy_p, bias.shape)
-    centred_x, x_hat, dy, scale_c, rstd = normalized(dx_view)
-    g = dy if scale is None else dy * scale_c
     if mask is None:
         count = jnp.asarray(math.prod(x.shape[a] for a in reduction), compute)
+        dx_in = dx.astype(compute)
     else:
         count = jnp.maximum(jnp.sum(mask, axis=reduction, keepdims=True, dtype=compute), 1)
-    correction = x_hat * correlation
-    statistics_term = 2 * dvar.astype(compute) * centred_x
+        dx_in = jnp.where(mask, dx, 0).astype(compute)
+    parameter = scale if scale is not None else bias
+    if parameter is not None and all(parameter.shape[a] != 1 for a in reduction):
+        return (y, mean, var), _tangent_per_element(
+            x, scale, dx, dx_in, dscale, dbias, mean, rstd, reduction, count, dtype, centered
+        )
+    x_c = x.astype(compute)
+    x_hat = (x_c - mean.astype(compute) if centered else x_c) * rstd
+    m2 = jnp.sum(x_hat * dx_in, axis=reduction, keepdims=True) / count
+    a = rstd if scale is None else rstd * scale.astype(compute)
+    slope = -a * m2
+    if scale is not None:
+        slope = slope + _as_compute(dscale, compute)
+    dy = a * dx.astype(compute) + x_hat * slope
     if centered:
-        correction = correction + total
-        statistics_term = statistics_term + dmean.astype(compute)
-    through_statistics = statistics_term / count - (rstd / count) * correction
-    if mask is not None:
-        through_statistics = jnp.where(mask, through_statistics, 0)
-    dx = (rstd * g + through_statistics).astype(x.dtype)
-    if dscale is not None:
-        dscale = dscale.astype(scale.dtype)
+        m1 = jnp.sum(dx_in, axis=reduction, keepdims=True) / count
+        offset = -a * m1
+    else:
+        m1 = jnp.zeros_like(mean)
+        offset = None
+    if bias is not None:
+        dbias_c = _as_compute(dbias, compute)
+        offset = dbias_c if offset is None else offset + dbias_c
+    if offset is not None:
+        dy = dy + offset
+    dvar = 2 * m2 / rstd
+    return (y, mean, var), (dy.astype(dtype), m1.astype(mean.dtype), dvar.astype(var.dtype))
+
+
+def _tangent_per_element(
+    x: Array,
+    scale: Array | None,
+    dx: Array,
+    dx_in: Array,
+    dscale: Any,
+    dbias: Any,
+    mean: Array,
+    rstd: Array,
+    reduction: tuple[int, ...],
+    count: Array,
+    dtype: Any,
+    centered: bool,
+) -> tuple[Array, Array, Array]:
+    r"""The same linearization when the parameters vary along every reduction axis
+    (LayerNorm, RMSNorm): there the coefficients would be full-size, so the tangent is
+    formed as :math:`\dot{\hat x} = r(\dot x - \dot\mu) - \tfrac12 r^3 (x-\mu)\,
+    \dot{\sigma^2}`, :math:`\dot y = \dot{\hat x}\gamma + \hat x\dot\gamma + \dot\beta`."""
+    compute = rstd.dtype
+    centred_x = x.astype(compute) - mean.astype(compute) if centered else x.astype(compute)
+    dvar = 2 * jnp.sum(centred_x * dx_in, axis=reduction, keepdims=True) / count
+    dx_c = dx.astype(compute)
+    if centered:
+        dmean = jnp.sum(dx_in, axis=reduction, keepdims=True) / count
+        dx_c = dx_c - dmean
+    else:
+        dmean = jnp.zeros_like(mean)
+    dy = rstd * dx_c - (0.5 * rstd * rstd * rstd * dvar) * centred_x
+    if scale is not None:
+        dy = dy * scale.astype(compute) + (centred_x * rstd) * _as_compute(dscale, compute)
     if dbias is not None:
-        dbias = dbias.astype(bias.dtype)
-    return dx, dscale, dbias, None
+        dy = dy + _as_compute(dbias, compute)
+    return dy.astype(dtype), dmean.astype(mean.dtype), dvar.astype(mean.dtype)
 
 
-normalize_with_statistics.defvjp(_forward, _backward)
+def _as_compute(tangent: Any, compute: Any) -> Array:
+    """A tangent in the compute dtype (symbolic zeros arrive instantiated)."""
+    return jnp.asarray(tangent).astype(compute)
+
+
+normalize_with_statistics.defjvp(_tangent)

@@ -172,7 +172,7 @@ def batch_norm_train(
             + ("" if virtual_batch_size is None else f", virtual_batch_size={virtual_batch_size}")
         )
 
-    # the common case takes the fused path with the closed-form backward (jaxnorm.fused)
+    # the common case takes the fused path with the closed-form derivative (jaxnorm.fused)
     fused = renorm is None and axis_name is None and not isinstance(eps, jax.core.Tracer)
     if not fused:
         mean, var = moments(
