@@ -150,20 +150,42 @@ def _tangent_per_element(
 ) -> tuple[Array, Array, Array]:
     r"""The same linearization when the parameters vary along every reduction axis
     (LayerNorm, RMSNorm): there the coefficients would be full-size, so the tangent is
-    formed as :math:`\dot{\hat x} = r(\dot x - \dot\mu) - \tfrac12 r^3 (x-\mu)\,
-    \dot{\sigma^2}`, :math:`\dot y = \dot{\hat x}\gamma + \hat x\dot\gamma + \dot\beta`."""
+    formed term by term, :math:`\dot y = a\dot x - a\,(m_1 + \hat x\, m_2) + \hat x
+    \dot\gamma + \dot\beta` with :math:`a = r\gamma`.
+
+    XLA:CPU stores any full-size value that several fusions share (``x - mu``, the
+    broadcasts of ``r`` and ``gamma``) as an array of its own. Each group of consumers
+    therefore gets its own barrier-separated view of ``(x, mu, r, gamma)``: in the
+    transpose (reverse mode) every fusion recomputes :math:`\hat x` from ``x`` while it
+    streams it (LayerNorm forward+backward measured ~1.5x faster, RMSNorm ~1.2x).
+    """
     compute = rstd.dtype
-    centred_x = x.astype(compute) - mean.astype(compute) if centered else x.astype(compute)
+    views = lax.optimization_barrier(((x, mean, rstd, scale),) * 3)
+
+    def centred_and_slope(view: tuple[Any, ...]) -> tuple[Array, Array, Array]:
+        x_view, mean_view, rstd_view, scale_view = view
+        centred_x = x_view.astype(compute)
+        if centered:
+            centred_x = centred_x - mean_view.astype(compute)
+        slope = rstd_view if scale_view is None else rstd_view * scale_view.astype(compute)
+        return centred_x, rstd_view, slope
+
+    # dx and the sum for the variance's tangent (one sweep in the transpose).
+    centred_x, _, slope = centred_and_slope(views[0])
     dvar = 2 * jnp.sum(centred_x * dx_in, axis=reduction, keepdims=True) / count
-    dx_c = dx.astype(compute)
+    dy = slope * dx.astype(compute)
+    # The terms through the statistics (the two row sums of the transpose).
+    centred_x, rstd_view, slope = centred_and_slope(views[1])
+    dy = dy - (0.5 * rstd_view * rstd_view * dvar) * (centred_x * slope)
     if centered:
         dmean = jnp.sum(dx_in, axis=reduction, keepdims=True) / count
-        dx_c = dx_c - dmean
+        dy = dy - slope * dmean
     else:
         dmean = jnp.zeros_like(mean)
-    dy = rstd * dx_c - (0.5 * rstd * rstd * rstd * dvar) * centred_x
+    # The parameters' terms (their column sums in the transpose).
     if scale is not None:
-        dy = dy * scale.astype(compute) + (centred_x * rstd) * _as_compute(dscale, compute)
+        centred_x, rstd_view, _ = centred_and_slope(views[2])
+        dy = dy + (centred_x * rstd_view) * _as_compute(dscale, compute)
     if dbias is not None:
         dy = dy + _as_compute(dbias, compute)
     return dy.astype(dtype), dmean.astype(mean.dtype), dvar.astype(mean.dtype)
