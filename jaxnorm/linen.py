@@ -36,10 +36,12 @@ from jaxnorm.functional import (
 )
 from jaxnorm.running import (
     MOMENTS_COLLECTION,
+    BatchMoments,
     RunningStatistics,
     batch_norm_train,
     conditional_instance_norm,
     group_normalize,
+    merge_moments,
     update_running_statistics,
 )
 
@@ -154,6 +156,8 @@ class BatchNorm(nn.Module):
             dtype=self.dtype,
             virtual_batch_size=self.virtual_batch_size,
             renorm=None if limits is None else (ra_mean.value, ra_var.value, *limits),
+            # `init` does not move the statistics: a batch of one may initialize, as in Flax.
+            require_spread=not initializing,
         )
         if not initializing:
             running = update_running_statistics(
@@ -167,6 +171,13 @@ class BatchNorm(nn.Module):
             if ra_count is not None:
                 ra_count.value = running.count
             if _moments_requested(self):
+                if self.has_variable(MOMENTS_COLLECTION, "mean"):
+                    # called again in this forward pass (shared layer): pool both calls
+                    batch = merge_moments(
+                        BatchMoments(*(self.get_variable(MOMENTS_COLLECTION, name)
+                                       for name in ("mean", "var", "count"))),
+                        batch,
+                    )
                 self.put_variable(MOMENTS_COLLECTION, "mean", batch.mean)
                 self.put_variable(MOMENTS_COLLECTION, "var", batch.var)
                 self.put_variable(MOMENTS_COLLECTION, "count", batch.count)

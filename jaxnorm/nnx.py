@@ -536,8 +536,9 @@ def recompute_batch_stats(model: nnx.Module, batches: Iterable[Any]) -> nnx.Modu
                 moments = captured
                 for key in (*path, "batch_moments"):
                     moments = moments[key]
-                ((mean, var, count),) = moments.get_value()
-                pool.add(np.asarray(count), np.asarray(mean), np.asarray(var))
+                # one entry per call of the layer (several when its weights are shared)
+                for mean, var, count in moments.get_value():
+                    pool.add(np.asarray(count), np.asarray(mean), np.asarray(var))
             nnx.update(model, fixed)
     finally:
         for layer, mode in zip(layers, modes, strict=True):

@@ -71,6 +71,10 @@ def recompute_batch_stats(
       variables: the model's variables (``params``, ``batch_stats``, ...); not modified.
       batches: an iterable of model inputs, each passed as the one positional input.
 
+    Layers report their batch moments in the ``"batch_moments"`` collection; inside
+    lifted transforms (``nn.scan``, ``nn.vmap``) give it the same ``variable_axes`` entry
+    as ``batch_stats``. A layer called several times per forward pass pools every call.
+
     Returns:
       ``variables`` with each :class:`jaxnorm.linen.BatchNorm` / ``BatchRenorm`` layer's
       ``mean``/``var`` (and ``count``) recomputed; everything else unchanged.
@@ -98,7 +102,9 @@ def recompute_batch_stats(
         raise ValueError(
             "recompute_batch_stats saw no BatchNorm batch moments: batches must be non-empty "
             "and apply_fn must run the model in training mode (e.g. "
-            "functools.partial(model.apply, train=True)) with jaxnorm.linen BatchNorm layers"
+            "functools.partial(model.apply, train=True)) with jaxnorm.linen BatchNorm layers; "
+            f"layers inside nn.scan / nn.vmap need the {MOMENTS_COLLECTION!r} collection in "
+            "their variable_axes"
         )
 
     stats = traverse_util.flatten_dict(unfreeze(variables["batch_stats"]))

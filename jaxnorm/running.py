@@ -140,11 +140,15 @@ def batch_norm_train(
     dtype: Any = None,
     virtual_batch_size: int | None = None,
     renorm: tuple[Array, Array, float, float] | None = None,
+    require_spread: bool = True,
 ) -> tuple[Array, BatchMoments]:
     """Training-mode batch normalization; returns ``(y, BatchMoments)``.
 
     ``renorm=(running_mean, running_var, r_max, d_max)`` selects batch renormalization;
-    ``virtual_batch_size`` ghost batch norm (both may be combined).
+    ``virtual_batch_size`` ghost batch norm (both may be combined): with ``axis_name`` each
+    device's batch is split into ghost batches of its own (the global batch's consecutive
+    groups) and only the returned moments are combined across devices.
+    ``require_spread=False`` allows a single value per channel (Linen's ``init``).
     """
     x = check_floating(x)
     features = canonicalize_axes(axis, x.ndim, "axis")
@@ -157,15 +161,19 @@ def batch_norm_train(
     mask = broadcast_mask(mask, x.shape)
 
     grouped, grouped_mask, stat_features = x, mask, features
+    # Ghost batches are consecutive examples, so each lies on one device: their statistics
+    # are local, and only the running-average summary is combined over `axis_name`.
+    stats_axis_name, stats_index_groups = axis_name, axis_index_groups
     if virtual_batch_size is not None:
         grouped, grouped_mask, stat_features = _ghost_batches(
             x, mask, features, virtual_batch_size
         )
+        stats_axis_name = stats_index_groups = None
     reduction = complement_axes(grouped.ndim, stat_features)
     per_channel = 1
     for a in reduction:
         per_channel *= grouped.shape[a]
-    if per_channel <= 1 and axis_name is None:
+    if per_channel <= 1 and stats_axis_name is None and require_spread:
         raise ValueError(
             f"BatchNorm in training mode needs more than one value per channel; got x of "
             f"shape {x.shape} with axis={axis!r}"
@@ -173,17 +181,19 @@ def batch_norm_train(
         )
 
     # the common case takes the fused path with the closed-form derivative (jaxnorm.fused)
-    fused = renorm is None and axis_name is None and not isinstance(eps, jax.core.Tracer)
+    fused = renorm is None and stats_axis_name is None and not isinstance(eps, jax.core.Tracer)
     if not fused:
         mean, var = moments(
             grouped,
             reduction,
             mask=grouped_mask,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
+            axis_name=stats_axis_name,
+            axis_index_groups=stats_index_groups,
             keepdims=True,
         )
-    count = count_elements(grouped.shape, reduction, grouped_mask, axis_name, axis_index_groups)
+    count = count_elements(
+        grouped.shape, reduction, grouped_mask, stats_axis_name, stats_index_groups
+    )
 
     stat_shape = feature_shape(grouped.shape, stat_features)
 
@@ -234,14 +244,31 @@ def batch_norm_train(
     mean, var, count = (v.reshape(stat_shape) for v in (mean, var, count))
     if virtual_batch_size is None:
         return y, BatchMoments(mean, var, count)
-    total = jnp.sum(count, axis=0)
-    safe_total = jnp.maximum(total, 1)
-    return y, BatchMoments(
-        mean=jnp.sum(count * mean, axis=0) / safe_total,
-        var=jnp.sum(count * var, axis=0) / safe_total,
-        count=total,
-        groups=jnp.sum(count > 0, axis=0, dtype=count.dtype),
+    sums = (
+        jnp.sum(count, axis=0),
+        jnp.sum(count * mean, axis=0),
+        jnp.sum(count * var, axis=0),
+        jnp.sum(count > 0, axis=0, dtype=count.dtype),
     )
+    if axis_name is not None:
+        sums = lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
+    total, mean_sum, var_sum, groups = sums
+    safe_total = jnp.maximum(total, 1)
+    return y, BatchMoments(mean_sum / safe_total, var_sum / safe_total, total, groups)
+
+
+def merge_moments(first: BatchMoments, second: BatchMoments) -> BatchMoments:
+    r"""The moments of two batches together (Chan et al. 1979): with :math:`n = n_a + n_b`
+    and :math:`\delta = \mu_b - \mu_a`, :math:`\mu = \mu_a + \delta n_b/n` and
+    :math:`\sigma^2 = (n_a\sigma_a^2 + n_b\sigma_b^2 + \delta^2 n_a n_b/n)/n`. Used when
+    one layer runs more than once in a forward pass (shared weights)."""
+    total = first.count + second.count
+    safe_total = jnp.maximum(total, 1)
+    delta = second.mean - first.mean
+    mean = first.mean + delta * second.count / safe_total
+    spread = first.count * first.var + second.count * second.var
+    var = (spread + delta * delta * first.count * second.count / safe_total) / safe_total
+    return BatchMoments(mean, var, total, first.groups + second.groups)
 
 
 def update_running_statistics(

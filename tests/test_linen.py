@@ -207,8 +207,18 @@ def test_ghost_batch_size_must_divide_the_batch():
 
 
 def test_training_batch_norm_with_one_value_per_channel_is_an_error():
+    variables = init(_bn(), np.ones((2, 3), np.float32))
     with pytest.raises(ValueError, match="more than one value per channel"):
-        shapes(_bn(), np.ones((1, 3), np.float32))
+        _bn().apply(variables, np.ones((1, 3), np.float32), mutable=["batch_stats"])
+
+
+def test_init_with_a_batch_of_one_works_as_in_flax():
+    # `model.init(key, jnp.ones((1, F)), train=True)` is a common Flax idiom; init does not
+    # move the statistics, so it has no use for the batch's spread.
+    x = np.ones((1, 3), np.float32)
+    ours = init(_bn(), x)
+    theirs = init(fnn.BatchNorm(use_running_average=False), x)
+    jax.tree.map(np.testing.assert_array_equal, ours, theirs)
 
 
 def test_masked_statistics_equal_statistics_of_the_kept_rows():

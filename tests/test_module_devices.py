@@ -170,3 +170,53 @@ def test_pmap_axis_index_groups_normalize_each_group_of_devices_alone():
             (y.reshape(x.shape)[rows], jax.tree.map(lambda a, d=first_device: a[d], stats)),
             _single_device(x[rows]),
         )
+
+
+@pytest.mark.parametrize("virtual_batch_size", [2, PER_DEVICE])
+def test_ghost_batches_with_axis_name_equal_one_device(virtual_batch_size):
+    # Ghost batches are consecutive examples of the global batch, so each lies on one
+    # device: syncing must not pool ghost batch g of every device into one.
+    x = _batch(seed=3)
+
+    def ghost(**kwargs):
+        return jl.BatchNorm(
+            use_running_average=False, virtual_batch_size=virtual_batch_size, **SETTINGS,
+            **kwargs,
+        )
+
+    reference = jax.jit(functools.partial(ghost().apply, mutable=["batch_stats"]))(
+        _variables(), x
+    )
+    apply = jax.pmap(
+        lambda xb: ghost(axis_name="batch").apply(_variables(), xb, mutable=["batch_stats"]),
+        axis_name="batch",
+    )
+    y, stats = apply(_per_device(x))
+    _assert_same((y.reshape(x.shape), jax.tree.map(lambda a: a[0], stats)), reference)
+
+
+def test_nnx_ghost_batches_in_shard_map_equal_one_device():
+    x = _batch(seed=4)
+    variables = _variables()
+
+    def ghost(**kwargs):
+        model = jx.BatchNorm(4, virtual_batch_size=2, **SETTINGS, **kwargs, rngs=nnx.Rngs(0))
+        for name, value in {**variables["params"], **variables["batch_stats"]}.items():
+            getattr(model, name)[...] = value
+        return model
+
+    reference = ghost()
+    y_ref = reference(x)
+    graphdef, state = nnx.split(ghost(axis_name="batch"))
+    mesh = Mesh(np.array(jax.devices()[:DEVICES]), ("batch",))
+
+    def apply(state, xb):
+        module = nnx.merge(graphdef, state)
+        return module(xb), nnx.state(module, nnx.BatchStat)
+
+    y, stats = jax.jit(
+        jax.shard_map(apply, mesh=mesh, in_specs=(P(), P("batch")), out_specs=(P("batch"), P()))
+    )(state, x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["mean"][...], reference.mean[...], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["var"][...], reference.var[...], rtol=1e-5, atol=1e-6)

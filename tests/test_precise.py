@@ -131,3 +131,44 @@ def test_nnx_recompute_matches_linen_in_place_and_restores_the_mode():
     assert int(nnx_model.second.count[...]) == 3
     assert nnx_model.first.use_running_average and nnx_model.second.use_running_average
     assert not nnx.state(nnx_model, nnx.Intermediate)
+
+
+class SharedBatchNorm(nn.Module):
+    """One BatchNorm applied twice per forward pass (shared weights)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        norm = jl.BatchNorm(use_running_average=not train, name="shared")
+        return norm(x) + norm(x * 3 + 7)
+
+
+def _both_calls(batches):
+    return np.concatenate([np.concatenate([x, x * 3 + 7]) for x in batches]).astype(np.float64)
+
+
+def test_a_layer_called_twice_pools_both_calls():
+    model, batches = SharedBatchNorm(), _batches()
+    variables = model.init(jax.random.key(0), batches[0], train=False)
+    result = jaxnorm.recompute_batch_stats(
+        functools.partial(model.apply, train=True), variables, batches
+    )
+    inputs = _both_calls(batches)
+    stats = result["batch_stats"]["shared"]
+    np.testing.assert_allclose(stats["mean"], inputs.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["var"], inputs.var(0), rtol=1e-5, atol=1e-5)
+
+
+class NnxSharedBatchNorm(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.shared = jx.BatchNorm(4, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.shared(x) + self.shared(x * 3 + 7)
+
+
+def test_nnx_a_layer_called_twice_pools_both_calls():
+    batches = _batches()
+    model = jx.recompute_batch_stats(NnxSharedBatchNorm(nnx.Rngs(0)), batches)
+    inputs = _both_calls(batches)
+    np.testing.assert_allclose(model.shared.mean[...], inputs.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.shared.var[...], inputs.var(0), rtol=1e-5, atol=1e-5)
