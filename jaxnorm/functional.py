@@ -100,6 +100,7 @@ def normalize(
     axis_index_groups: Any = None,
     dtype: Any = None,
     centered: bool = True,
+    fast_variance: bool = False,
 ) -> Array:
     r"""Normalizes ``x`` over ``reduction_axes`` and applies per-feature ``scale``/``bias``.
 
@@ -107,6 +108,7 @@ def normalize(
     :math:`\mu, \sigma^2` from :func:`jaxnorm.moments` unless both ``mean`` and ``var`` are
     given. ``centered=False`` gives RMS normalization (:math:`\mu = 0`, :math:`\sigma^2 =
     E[x^2]`). ``scale``/``bias`` have shape ``tuple(x.shape[a] for a in feature_axes)``.
+    ``fast_variance`` selects the cancelling one-pass variance (see :func:`moments`).
     """
     x = check_floating(x)
     reduction = canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
@@ -128,6 +130,7 @@ def normalize(
             float(eps),
             out_dtype,
             centered,
+            fast_variance,
         )[0]
     if mean is None:
         mean, var = moments(
@@ -138,6 +141,7 @@ def normalize(
             axis_index_groups=axis_index_groups,
             keepdims=True,
             centered=centered,
+            fast_variance=fast_variance,
         )
     else:
         broadcast_mask(mask, x.shape)

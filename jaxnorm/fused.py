@@ -33,7 +33,7 @@ from jaxnorm.stats import moments, statistics_dtype
 Array = jax.Array
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7, 8))
 def normalize_with_statistics(
     x: Array,
     scale: Array | None,
@@ -43,13 +43,15 @@ def normalize_with_statistics(
     eps: float,
     dtype: Any,
     centered: bool,
+    fast_variance: bool = False,
 ) -> tuple[Array, Array, Array]:
     r"""``(y, mean, var)``: ``x`` normalized over ``reduction`` with its own statistics.
 
     ``scale``/``bias`` are already broadcastable to ``x`` (or None); ``mean``/``var`` keep
     the reduced axes and are in at least float32; ``y`` is in ``dtype``.
+    ``fast_variance`` as in :func:`jaxnorm.moments` (the derivative is the same).
     """
-    return _forward(x, scale, bias, mask, reduction, eps, dtype, centered)[0]
+    return _forward(x, scale, bias, mask, reduction, eps, dtype, centered, fast_variance)[0]
 
 
 def _forward(
@@ -61,8 +63,11 @@ def _forward(
     eps: float,
     dtype: Any,
     centered: bool,
+    fast_variance: bool,
 ) -> tuple[tuple[Array, Array, Array], tuple[Any, ...]]:
-    mean, var = moments(x, reduction, mask=mask, keepdims=True, centered=centered)
+    mean, var = moments(
+        x, reduction, mask=mask, keepdims=True, centered=centered, fast_variance=fast_variance
+    )
     compute = statistics_dtype(jnp.promote_types(x.dtype, dtype))
     rstd = lax.rsqrt(var.astype(compute) + jnp.asarray(eps, compute))
     multiplier = rstd if scale is None else rstd * scale.astype(compute)
@@ -81,6 +86,7 @@ def _tangent(
     eps: float,
     dtype: Any,
     centered: bool,
+    fast_variance: bool,
     primals: tuple[Any, ...],
     tangents: tuple[Any, ...],
 ) -> tuple[tuple[Array, Array, Array], tuple[Array, Array, Array]]:
@@ -97,7 +103,7 @@ def _tangent(
     x, scale, bias, mask = primals
     dx, dscale, dbias, _ = tangents
     (y, mean, var), (_, _, _, _, _, rstd) = _forward(
-        x, scale, bias, mask, reduction, eps, dtype, centered
+        x, scale, bias, mask, reduction, eps, dtype, centered, fast_variance
     )
     compute = rstd.dtype
     if mask is None:

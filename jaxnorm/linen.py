@@ -1,14 +1,13 @@
-"""Flax Linen normalization modules, thin over jaxnorm's functional core.
+r"""Flax Linen normalization modules, thin over jaxnorm's functional core.
 
 Drop-in replacements for the ``flax.linen`` classes of the same name: the same
 constructor arguments and defaults, the same variables (``params``: ``scale``, ``bias``;
 ``batch_stats``: ``mean``, ``var``), so a model switches by changing one import and keeps
 its checkpoints. Where they differ from Flax:
 
-* statistics come from :func:`jaxnorm.moments`: a shifted single pass with two-pass
-  accuracy, in at least float32. ``use_fast_variance`` is accepted for compatibility; both
-  values give these same stable statistics (the core's one-pass sum is already the fast
-  one, without the :math:`E[x^2]-E[x]^2` cancellation).
+* statistics come from :func:`jaxnorm.moments` with two-pass accuracy, in at least
+  float32: ``use_fast_variance=False`` is the default. ``True`` selects Flax's one-pass
+  :math:`E[x^2]-E[x]^2`, which cancels when :math:`|\mu| \gg \sigma`.
 * across ``axis_name`` the statistics are combined weighted by element counts, exact when
   devices hold different numbers of unmasked elements.
 * ``force_float32_reductions`` is accepted; reductions always run in at least float32.
@@ -158,6 +157,7 @@ class BatchNorm(nn.Module):
             renorm=None if limits is None else (ra_mean.value, ra_var.value, *limits),
             # `init` does not move the statistics: a batch of one may initialize, as in Flax.
             require_spread=not initializing,
+            fast_variance=self.use_fast_variance,
         )
         if not initializing:
             running = update_running_statistics(
@@ -234,6 +234,7 @@ class LayerNorm(nn.Module):
             x, self.reduction_axes, scale, bias,
             feature_axes=features, eps=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+            fast_variance=self.use_fast_variance,
         )
 
 
@@ -305,7 +306,7 @@ class GroupNorm(nn.Module):
             num_groups=self.num_groups, group_size=self.group_size, feature_axis=axis,
             reduction_axes=self.reduction_axes, eps=self.epsilon, mask=mask,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype,
+            dtype=self.dtype, fast_variance=self.use_fast_variance,
         )
 
 
@@ -341,6 +342,7 @@ class InstanceNorm(nn.Module):
             x, complement_axes(x.ndim, (0,), features), scale, bias,
             feature_axes=features, eps=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+            fast_variance=self.use_fast_variance,
         )
 
 

@@ -6,7 +6,8 @@ The same set as :mod:`jaxnorm.linen`, in ``flax.nnx`` style and drop-in for the
 ``mean`` and ``var`` (and ``count`` with ``momentum=None``); ``model.train()`` /
 ``model.eval()`` (or ``nnx.view``) toggle ``use_running_average``. The statistics math is
 shared with Linen in :mod:`jaxnorm.running`; see :mod:`jaxnorm.linen` for how the
-statistics differ from Flax's (``use_fast_variance`` is accepted for compatibility).
+statistics differ from Flax's (stable by default; ``use_fast_variance=True`` selects Flax's
+one-pass formula).
 :func:`recompute_batch_stats` (precise BN) recomputes a model's statistics in place.
 """
 
@@ -170,6 +171,7 @@ class BatchNorm(nnx.Module):
             dtype=self.dtype,
             virtual_batch_size=self.virtual_batch_size,
             renorm=None if limits is None else (self.mean[...], self.var[...], *limits),
+            fast_variance=self.use_fast_variance,
         )
         running = update_running_statistics(
             RunningStatistics(self.mean[...], self.var[...], _value(self.count)),
@@ -264,7 +266,7 @@ class LayerNorm(nnx.Module):
             x, self.reduction_axes, scale, bias,
             feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype,
+            dtype=self.dtype, fast_variance=self.use_fast_variance,
         )
 
 
@@ -368,7 +370,7 @@ class GroupNorm(nnx.Module):
             num_groups=self.num_groups, group_size=None, feature_axis=self.feature_axis,
             reduction_axes=self.reduction_axes, eps=self.epsilon, mask=mask,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype,
+            dtype=self.dtype, fast_variance=self.use_fast_variance,
         )
 
 
@@ -423,7 +425,7 @@ class InstanceNorm(nnx.Module):
             x, complement_axes(x.ndim, (0,), features), scale, bias,
             feature_axes=features, eps=self.epsilon, mask=mask,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype,
+            dtype=self.dtype, fast_variance=self.use_fast_variance,
         )
 
 

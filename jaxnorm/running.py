@@ -141,6 +141,7 @@ def batch_norm_train(
     virtual_batch_size: int | None = None,
     renorm: tuple[Array, Array, float, float] | None = None,
     require_spread: bool = True,
+    fast_variance: bool = False,
 ) -> tuple[Array, BatchMoments]:
     """Training-mode batch normalization; returns ``(y, BatchMoments)``.
 
@@ -148,7 +149,8 @@ def batch_norm_train(
     ``virtual_batch_size`` ghost batch norm (both may be combined): with ``axis_name`` each
     device's batch is split into ghost batches of its own (the global batch's consecutive
     groups) and only the returned moments are combined across devices.
-    ``require_spread=False`` allows a single value per channel (Linen's ``init``).
+    ``require_spread=False`` allows a single value per channel (Linen's ``init``);
+    ``fast_variance`` selects the cancelling one-pass variance (Flax's ``use_fast_variance``).
     """
     x = check_floating(x)
     features = canonicalize_axes(axis, x.ndim, "axis")
@@ -190,6 +192,7 @@ def batch_norm_train(
             axis_name=stats_axis_name,
             axis_index_groups=stats_index_groups,
             keepdims=True,
+            fast_variance=fast_variance,
         )
     count = count_elements(
         grouped.shape, reduction, grouped_mask, stats_axis_name, stats_index_groups
@@ -226,6 +229,7 @@ def batch_norm_train(
             float(eps),
             out_dtype,
             True,
+            fast_variance,
         )
         y = y.reshape(x.shape)
     else:
@@ -318,6 +322,7 @@ def group_normalize(
     axis_name: Any = None,
     axis_index_groups: Any = None,
     dtype: Any = None,
+    fast_variance: bool = False,
 ) -> Array:
     """Group normalization (Wu & He 2018) with Flax's ``reduction_axes``: statistics per
     group of channels over ``reduction_axes`` (default: every axis except 0); axes outside
@@ -353,6 +358,7 @@ def group_normalize(
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
         dtype=dtype,
+        fast_variance=fast_variance,
     )
     return y.reshape(x.shape)
 

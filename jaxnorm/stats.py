@@ -74,7 +74,11 @@ def _centred_mean_square(
 
 
 def _local_moments(
-    x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, keepdims: bool
+    x: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None,
+    keepdims: bool,
+    fast_variance: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     r"""Statistics on one device with the accuracy of the two-pass variance.
 
@@ -90,7 +94,8 @@ def _local_moments(
     \sigma^2`: the formula's rounding error is :math:`(E[x^2]/\sigma^2)\,\delta \le 17\,\delta`
     for a relative error :math:`\delta` of the sums, against :math:`\delta` for two passes.
     Otherwise (the cancellation case: large offsets, constant inputs) ``lax.cond`` runs the
-    second pass. Measurements in ``benchmarks/RESULTS.md``.
+    second pass. Measurements in ``benchmarks/RESULTS.md``. ``fast_variance`` keeps
+    :math:`E[x^2] - \mu^2` unconditionally (Flax's fast variance).
     """
     weighted = x if mask is None else jnp.where(mask, x, 0)
     if mask is None:
@@ -98,8 +103,11 @@ def _local_moments(
     else:
         count = jnp.maximum(jnp.sum(mask, axis=axes, keepdims=True, dtype=x.dtype), 1)
     mean = jnp.sum(weighted, axis=axes, keepdims=True) / count
-    if axes == tuple(range(x.ndim - len(axes), x.ndim)):
+    if axes == tuple(range(x.ndim - len(axes), x.ndim)) and not fast_variance:
         var = _centred_mean_square(x, mean, axes, mask, count)
+    elif fast_variance:
+        mean_square = jnp.sum(weighted * x, axis=axes, keepdims=True) / count
+        var = jnp.maximum(mean_square - mean * mean, 0)
     else:
         mean_square = jnp.sum(weighted * x, axis=axes, keepdims=True) / count
         one_pass = jnp.maximum(mean_square - mean * mean, 0)
@@ -128,6 +136,7 @@ def moments(
     axis_index_groups: Any = None,
     keepdims: bool = False,
     centered: bool = True,
+    fast_variance: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     r"""Mean and biased variance of ``x`` over ``axes``, in at least float32.
 
@@ -141,6 +150,9 @@ def moments(
       axis_index_groups: optional groups within ``axis_name`` (as in ``lax.psum``).
       keepdims: keep the reduced axes with size one.
       centered: if False, return mean = 0 and var = :math:`E[x^2]` (RMSNorm's statistic).
+      fast_variance: use the textbook one-pass :math:`E[x^2] - \mu^2` as Flax's
+        ``use_fast_variance=True`` does: no conditioning check, no shift; it loses all
+        accuracy when :math:`|\mu| \gg \sigma`. Off by default.
 
     Returns:
       ``(mean, var)`` with the population (biased) variance.
@@ -151,13 +163,12 @@ def moments(
     x = x.astype(statistics_dtype(x.dtype))
 
     if centered and axis_name is None:
-        return _local_moments(x, axes, mask, keepdims)
-    if centered:
+        return _local_moments(x, axes, mask, keepdims, fast_variance)
+    shift = None
+    deviation = x
+    if centered and not fast_variance:
         shift = _shift(x, axes, mask, axis_name, axis_index_groups)
         deviation = x - shift
-    else:
-        shift = None
-        deviation = x
     if mask is None:
         count = jnp.asarray(math.prod(x.shape[a] for a in axes), x.dtype)
     else:
@@ -174,7 +185,7 @@ def moments(
     mean_square = second / safe_count
     if centered:
         mean_deviation = first / safe_count
-        mean = shift + mean_deviation
+        mean = mean_deviation if shift is None else shift + mean_deviation
         var = jnp.maximum(mean_square - mean_deviation * mean_deviation, 0)
     else:
         mean = jnp.zeros_like(mean_square)

@@ -228,3 +228,14 @@ def test_vmap_gradient_through_cross_member_statistics_matches_the_whole_batch()
     np.testing.assert_allclose(
         jax.jit(jax.grad(mapped_loss))(x), jax.jit(jax.grad(whole_loss))(x), rtol=1e-4, atol=1e-5
     )
+
+
+def test_pmap_fast_variance_is_count_weighted_too():
+    x, mask = _sharded_batch(7, offset=2.0)
+    mean, var = jax.pmap(
+        lambda x, m: jaxnorm.moments(x, 0, mask=m, axis_name="devices", fast_variance=True),
+        "devices",
+    )(x, mask)
+    kept = _concatenated(x)[_concatenated(mask)[:, 0]].astype(np.float64)
+    _assert_every_member_has(mean, kept.mean(0), rtol=1e-5, atol=1e-5)
+    _assert_every_member_has(var, kept.var(0), rtol=1e-4, atol=1e-5)

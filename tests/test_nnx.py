@@ -177,3 +177,15 @@ def test_group_norm_reduction_axes_without_axis_one_match_flax_linen():
     np.testing.assert_allclose(
         _call(ours, x), jax.jit(reference.apply)({"params": params}, x), rtol=2e-5, atol=2e-5
     )
+
+
+def test_use_fast_variance_selects_flax_one_pass_formula():
+    x = _data((64, 16), loc=1e4, spread=1.0)
+    ours = jn.BatchNorm(16, use_fast_variance=True, rngs=nnx.Rngs(0))
+    theirs = nnx.BatchNorm(16, use_fast_variance=True, rngs=nnx.Rngs(0))
+    fast = ours(x)
+    np.testing.assert_allclose(fast, theirs(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ours.var[...], theirs.var[...], rtol=1e-6)
+    assert float(np.std(fast)) > 10
+    stable = jn.BatchNorm(16, rngs=nnx.Rngs(0))(x)
+    np.testing.assert_allclose(float(np.std(stable)), 1.0, atol=1e-3)

@@ -305,3 +305,23 @@ def test_folding_without_scale_and_bias_uses_identity_affine():
     folded_kernel, folded_bias = jaxnorm.fold_batch_norm(kernel, None, mean, var)
     expected = (np.asarray(x @ kernel) - np.asarray(mean)) / np.sqrt(np.asarray(var) + 1e-5)
     np.testing.assert_allclose(x @ folded_kernel + folded_bias, expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("axes", [(0,), (1,)])
+def test_fast_variance_is_the_textbook_one_pass_formula(axes):
+    # Well-conditioned data: the same statistics as the stable path. With an offset of 1e4
+    # (float32): exactly E[x²] − E[x]², cancellation included, while the default is exact.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((256, 8)).astype(np.float32)
+    fast = jaxnorm.moments(x, axes, fast_variance=True)
+    stable = jaxnorm.moments(x, axes)
+    for a, b in zip(fast, stable, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    shifted = jnp.asarray(x + 1e4)
+    mean, var = jaxnorm.moments(shifted, axes, fast_variance=True)
+    textbook = jnp.maximum(jnp.mean(shifted * shifted, axes) - jnp.mean(shifted, axes) ** 2, 0)
+    np.testing.assert_allclose(mean, jnp.mean(shifted, axes), rtol=1e-6)
+    np.testing.assert_allclose(var, textbook, rtol=1e-3, atol=1e-3)
+    exact = np.asarray(shifted, np.float64).var(axes)
+    assert np.max(np.abs(np.asarray(var) - exact)) > 1.0
+    np.testing.assert_allclose(jaxnorm.moments(shifted, axes)[1], exact, rtol=1e-3)
