@@ -239,3 +239,28 @@ def test_pmap_fast_variance_is_count_weighted_too():
     kept = _concatenated(x)[_concatenated(mask)[:, 0]].astype(np.float64)
     _assert_every_member_has(mean, kept.mean(0), rtol=1e-5, atol=1e-5)
     _assert_every_member_has(var, kept.var(0), rtol=1e-4, atol=1e-5)
+
+
+def test_pmap_statistics_stay_exact_with_an_outlier_and_a_large_offset():
+    # One element 700 sigma out on an offset of 1e4: shifting every member by one data value
+    # (the outlier) before a one-pass sum cancels; combining each member's own two-pass
+    # statistics (Chan et al.) does not.
+    rng = np.random.default_rng(12)
+    x = (1e4 + rng.normal(size=(DEVICES, 4096, 1))).astype(np.float32)
+    x[0, 0, 0] = 1e4 + 700
+    mean, var = jax.pmap(lambda x: jaxnorm.moments(x, 0, axis_name="devices"), "devices")(x)
+    whole = _concatenated(x).astype(np.float64)
+    _assert_every_member_has(mean, whole.mean(0), rtol=1e-7)
+    _assert_every_member_has(var, whole.var(0), rtol=1e-4)
+
+
+def test_pmap_constant_input_gives_exactly_bias():
+    x = np.full((DEVICES, PER_DEVICE, CHANNELS), -123.456, np.float32)
+    mask = np.ones(x.shape, bool)
+    mask[2] = False  # a member with nothing counted
+    bias = np.asarray([0.5, -1.0, 2.0], np.float32)
+    y, mean, var = jax.pmap(
+        lambda x, m: jaxnorm.batch_norm(x, None, bias, mask=m, axis_name="devices"), "devices"
+    )(x, mask)
+    np.testing.assert_array_equal(np.asarray(y)[mask], np.broadcast_to(bias, x.shape)[mask])
+    _assert_every_member_has(var, np.zeros(CHANNELS), atol=0)

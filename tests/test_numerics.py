@@ -184,7 +184,8 @@ def test_constant_input_gives_exactly_bias_and_a_finite_zero_sum_gradient(varian
         grad_of_square = jax.grad(lambda x: jnp.sum(fn(x, scale, bias) ** 2))
         return y, grad_of_sum(x), grad_of_square(x)
 
-    for constant in [0.0, 3.25, -1e4]:
+    # binary-exact constants, and ones whose repeated sums round (-123.456, 0.1, 977.7)
+    for constant in [0.0, 3.25, -1e4, -123.456, 0.1, 977.7]:
         x = jnp.full((3, 2, 4), constant, jnp.float32)
         y, grad_of_sum, grad_of_square = output_and_gradients(x)
         np.testing.assert_array_equal(np.asarray(y), np.broadcast_to(np.asarray(bias), x.shape))
@@ -325,3 +326,27 @@ def test_fast_variance_is_the_textbook_one_pass_formula(axes):
     exact = np.asarray(shifted, np.float64).var(axes)
     assert np.max(np.abs(np.asarray(var) - exact)) > 1.0
     np.testing.assert_allclose(jaxnorm.moments(shifted, axes)[1], exact, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_constant_sets_give_exactly_bias_for_any_constant_and_length(dtype):
+    # The first-pass mean of n copies of c rounds (in float32: n * c is not exact); the
+    # refinement pass (or, for half precision, the exact float32 sum) must remove that, or
+    # the rounding is amplified by 1/sqrt(eps) into an output far from the bias.
+    rng = np.random.default_rng(11)
+    bias = jnp.asarray(rng.normal(size=12), jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 6.0, 12), jnp.float32)
+    variants = [
+        lambda x: jaxnorm.layer_norm(x, scale, bias),
+        lambda x: jaxnorm.instance_norm(x, scale, bias),
+        lambda x: jaxnorm.group_norm(x, scale, bias, num_groups=3),
+        lambda x: jaxnorm.batch_norm(x, scale, bias)[0],
+        lambda x: jaxnorm.layer_norm(x, scale, bias, reduction_axes=(1, 2), feature_axes=2),
+    ]
+    compiled = [jax.jit(fn) for fn in variants]
+    for constant in rng.uniform(-1e3, 1e3, 8):
+        for shape in [(3, 7, 12), (2, 1000, 12)]:
+            x = jnp.full(shape, constant, dtype)
+            for fn in compiled:
+                y = np.asarray(fn(x), np.float32)
+                np.testing.assert_array_equal(y, np.broadcast_to(np.asarray(bias), shape))
