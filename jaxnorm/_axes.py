@@ -29,6 +29,14 @@ def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
     return tuple(sorted(canonical))
 
 
+def canonicalize_axis(axis: Any, ndim: int, name: str) -> int:
+    """A single axis (an int, negative allowed) as a non-negative int; errors name ``name``."""
+    if not isinstance(axis, (int, np.integer)):
+        raise ValueError(f"{name} must be a single int axis, got {axis!r}")
+    (canonical,) = canonicalize_axes(axis, ndim, name)
+    return canonical
+
+
 def complement_axes(ndim: int, *excluded: Sequence[int]) -> tuple[int, ...]:
     """The axes of an ``ndim``-dimensional array not in any of ``excluded``."""
     skip = {a for group in excluded for a in group}
@@ -47,8 +55,9 @@ def check_eps(eps: Any, name: str = "eps") -> None:
     """Raises ``ValueError`` for a concrete negative ``eps`` (tracers pass unchecked)."""
     if isinstance(eps, jax.core.Tracer):
         return
-    if np.any(np.asarray(eps) < 0):
-        raise ValueError(f"{name} must be non-negative, got {eps!r}")
+    value = np.asarray(eps)
+    if not np.all(value >= 0):  # also rejects NaN
+        raise ValueError(f"{name} must be a non-negative number, got {eps!r}")
 
 
 def check_shape(value: Any, expected: tuple[int, ...], name: str) -> jax.Array | None:
@@ -68,6 +77,8 @@ def broadcast_mask(mask: Any, shape: tuple[int, ...], name: str = "mask") -> jax
     if mask is None:
         return None
     mask = jnp.asarray(mask)
+    if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.integer)):
+        raise TypeError(f"{name} must be boolean (or 0/1 integers), got dtype {mask.dtype}")
     try:
         np.broadcast_shapes(mask.shape, shape)
     except ValueError:

@@ -11,12 +11,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxnorm._axes import (
     Axes,
     broadcast_mask,
     canonicalize_axes,
+    canonicalize_axis,
     check_eps,
     check_floating,
     check_shape,
@@ -107,7 +109,9 @@ def normalize(
     :math:`y = (x - \mu) \cdot \mathrm{rsqrt}(\sigma^2 + \epsilon) \cdot \gamma + \beta`, with
     :math:`\mu, \sigma^2` from :func:`jaxnorm.moments` unless both ``mean`` and ``var`` are
     given. ``centered=False`` gives RMS normalization (:math:`\mu = 0`, :math:`\sigma^2 =
-    E[x^2]`). ``scale``/``bias`` have shape ``tuple(x.shape[a] for a in feature_axes)``.
+    E[x^2]`). ``scale``/``bias`` have shape ``tuple(x.shape[a] for a in feature_axes)``
+    with the axes in increasing order, as Flax orders them (``feature_axes=(2, 1)`` means
+    ``(1, 2)``).
     ``fast_variance`` selects the cancelling one-pass variance (see :func:`moments`).
     """
     x = check_floating(x)
@@ -325,6 +329,11 @@ def instance_norm(
     if 0 in features:
         raise ValueError("feature_axes must not contain the batch axis 0")
     reduction = complement_axes(x.ndim, (0,), features)
+    if not reduction:
+        raise ValueError(
+            f"instance_norm needs a spatial axis besides the batch axis 0 and "
+            f"feature_axes={feature_axes!r}; x has shape {x.shape}"
+        )
     return normalize(
         x, reduction, scale, bias, feature_axes=features, eps=eps, mask=mask, dtype=dtype
     )
@@ -337,6 +346,11 @@ def resolve_num_groups(channels: int, num_groups: int | None, group_size: int | 
             "give exactly one of num_groups and group_size (pass num_groups=None together "
             f"with group_size); got num_groups={num_groups!r}, group_size={group_size!r}"
         )
+    for name, value in (("num_groups", num_groups), ("group_size", group_size)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, np.integer))
+        ):
+            raise ValueError(f"{name} must be an int, got {value!r}")
     if group_size is not None:
         if group_size <= 0 or channels % group_size:
             raise ValueError(
@@ -365,7 +379,7 @@ def group_norm(
     """Group normalization (Wu & He 2018): channels split into groups; statistics per example
     and group over every axis except 0. ``feature_axis=1`` serves NCHW."""
     x = check_floating(x)
-    (axis,) = canonicalize_axes(feature_axis, x.ndim, "feature_axis")
+    axis = canonicalize_axis(feature_axis, x.ndim, "feature_axis")
     if axis == 0:
         raise ValueError("feature_axis must not be the batch axis 0")
     channels = x.shape[axis]
@@ -411,9 +425,10 @@ def local_response_norm(
     \lfloor (n-1)/2 \rfloor} a_{c'}^2)^{-\beta}`, zero-padded, as ``torch.nn.LocalResponseNorm``.
     """
     x = check_floating(x)
-    (axis,) = canonicalize_axes(feature_axis, x.ndim, "feature_axis")
-    if not isinstance(size, (int,)) or size <= 0:
+    axis = canonicalize_axis(feature_axis, x.ndim, "feature_axis")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
         raise ValueError(f"size must be a positive int, got {size!r}")
+    size = int(size)
     compute = statistics_dtype(x.dtype)
     xc = x.astype(compute)
     window = [1] * x.ndim
@@ -465,6 +480,11 @@ def adaptive_instance_norm(
         )
     content_reduction = complement_axes(content.ndim, (0,), content_features)
     style_reduction = complement_axes(style.ndim, (0,), style_features)
+    if not content_reduction:
+        raise ValueError(
+            f"adaptive_instance_norm needs a spatial axis besides the batch axis 0 and "
+            f"feature_axes={feature_axes!r}; content has shape {content.shape}"
+        )
     style_mean, style_var = moments(style, style_reduction, keepdims=True)
     style_std = jnp.sqrt(style_var + eps)
     content_mean, content_var = moments(content, content_reduction, keepdims=True)

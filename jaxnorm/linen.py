@@ -26,7 +26,13 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
 
-from jaxnorm._axes import Axes, canonicalize_axes, complement_axes, feature_shape
+from jaxnorm._axes import (
+    Axes,
+    canonicalize_axes,
+    canonicalize_axis,
+    complement_axes,
+    feature_shape,
+)
 from jaxnorm.functional import (
     adaptive_instance_norm,
     batch_norm_inference,
@@ -296,7 +302,7 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         x = jnp.asarray(x)
-        (axis,) = canonicalize_axes(self.feature_axis, x.ndim, "feature_axis")
+        axis = canonicalize_axis(self.feature_axis, x.ndim, "feature_axis")
         scale, bias = _scale_and_bias(
             self, (x.shape[axis],), self.use_scale, self.use_bias,
             self.scale_init, self.bias_init, self.param_dtype,

@@ -34,6 +34,7 @@ from jaxnorm._axes import (
     Axes,
     broadcast_mask,
     canonicalize_axes,
+    canonicalize_axis,
     check_floating,
     check_shape,
     complement_axes,
@@ -328,7 +329,7 @@ def group_normalize(
     group of channels over ``reduction_axes`` (default: every axis except 0); axes outside
     ``reduction_axes`` are batch axes. Combined over ``axis_name`` when given."""
     x = check_floating(x)
-    (axis,) = canonicalize_axes(feature_axis, x.ndim, "feature_axis")
+    axis = canonicalize_axis(feature_axis, x.ndim, "feature_axis")
     if reduction_axes is None:
         if axis == 0:
             raise ValueError("feature_axis must not be the batch axis 0")

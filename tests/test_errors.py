@@ -430,3 +430,40 @@ def test_valid_edge_cases_do_not_raise():
     }
     for name, (call, shape) in cases.items():
         assert jax.eval_shape(call).shape == shape, name
+
+
+MALFORMED = [
+    _case(lambda: jaxnorm.group_norm(X, num_groups=3, feature_axis=(1, 2)), ValueError,
+          "feature_axis", "group-norm-tuple-feature-axis"),
+    _case(lambda: jaxnorm.local_response_norm(X, feature_axis=(1, 2)), ValueError,
+          "feature_axis", "lrn-tuple-feature-axis"),
+    _case(lambda: jaxnorm.group_norm(X, num_groups=2.0), ValueError, "num_groups",
+          "float-num-groups"),
+    _case(lambda: jaxnorm.group_norm(X, num_groups=None, group_size=1.5), ValueError,
+          "group_size", "float-group-size"),
+    _case(lambda: jaxnorm.local_response_norm(X, size=True), ValueError, "size", "bool-size"),
+    _case(lambda: jaxnorm.layer_norm(X, eps=float("nan")), ValueError, "eps", "nan-eps"),
+    _case(lambda: jaxnorm.batch_norm(X, eps=float("nan")), ValueError, "eps", "nan-eps-bn"),
+    _case(lambda: jaxnorm.layer_norm(X, mask=np.full(X.shape, 0.3)), TypeError, "mask",
+          "float-mask"),
+    _case(lambda: jaxnorm.instance_norm(np.ones((4, 6), np.float32)), ValueError,
+          "feature_axes", "instance-norm-without-spatial-axes"),
+    _case(lambda: jaxnorm.adaptive_instance_norm(np.ones((4, 6), np.float32),
+                                                 np.ones((4, 6), np.float32)),
+          ValueError, "feature_axes", "adain-without-spatial-axes"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", MALFORMED)
+def test_malformed_arguments_raise_naming_the_argument(call, error, match):
+    _assert_raises_naming(call, error, rf"\b{match}\b")
+
+
+def test_numpy_integer_sizes_and_integer_masks_are_accepted():
+    y = jaxnorm.local_response_norm(X, size=np.int64(3))
+    np.testing.assert_allclose(y, jaxnorm.local_response_norm(X, size=3))
+    mask = (np.arange(4) % 2).astype(np.int32)[None, None, :, None]
+    np.testing.assert_array_equal(
+        jaxnorm.layer_norm(X, mask=mask, reduction_axes=2, feature_axes=-1),
+        jaxnorm.layer_norm(X, mask=mask.astype(bool), reduction_axes=2, feature_axes=-1),
+    )
