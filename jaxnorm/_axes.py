@@ -31,7 +31,9 @@ def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
 
 def canonicalize_axis(axis: Any, ndim: int, name: str) -> int:
     """A single axis (an int, negative allowed) as a non-negative int; errors name ``name``."""
-    if not isinstance(axis, (int, np.integer)):
+    if isinstance(axis, (tuple, list)) and len(axis) == 1:
+        axis = axis[0]
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
         raise ValueError(f"{name} must be a single int axis, got {axis!r}")
     (canonical,) = canonicalize_axes(axis, ndim, name)
     return canonical

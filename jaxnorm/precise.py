@@ -80,6 +80,8 @@ def recompute_batch_stats(
       ``mean``/``var`` (and ``count``) recomputed; everything else unchanged.
     """
     def moments_of(variables: Any, batch: Any) -> Any:
+        # moments left in `variables` by an earlier apply would be pooled with this batch's
+        variables = {k: v for k, v in variables.items() if k != MOMENTS_COLLECTION}
         _, mutated = apply_fn(variables, batch, mutable=["batch_stats", MOMENTS_COLLECTION])
         return mutated.get(MOMENTS_COLLECTION, {})
 

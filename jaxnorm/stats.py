@@ -13,8 +13,9 @@ the two-pass statistics, with the mean refined by a correction pass where it mat
 :math:`E[x^2]-E[x]^2` cancellation (Chan, Golub & LeVeque 1983);
 :func:`_local_moments` explains how this costs one pass where it matters.
 
-Across a mapped axis (``axis_name``) each member computes these statistics of its own data
-and :func:`_combine_across` merges them with Chan et al.'s parallel formula: the result is
+Across a mapped axis (``axis_name``) the members agree on a pivot from the data (``pmax``),
+each computes these statistics of its own ``x - pivot``, and :func:`_combine_across` merges
+them with Chan et al.'s parallel formula: the result is
 the statistics of the concatenated batch, stable however far apart the members' data lie,
 and exact when members hold different numbers of unmasked elements.
 """
@@ -118,6 +119,28 @@ def _local_moments(
     return mean, var, count
 
 
+def _agreed_pivot(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None,
+    axis_name: Any,
+    axis_index_groups: Any,
+) -> jax.Array:
+    r"""A data value every member agrees on (keepdims, no gradient): the largest of the
+    members' first elements (under a mask: of their largest counted elements); 0 when
+    nothing is counted anywhere. Statistics of ``x - pivot`` keep full precision in the
+    members' offsets however large :math:`|\mu|/\sigma`."""
+    if mask is None:
+        first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
+        pivot = x[first]
+    else:
+        pivot = jnp.max(jnp.where(mask, x, -jnp.inf), axis=axes, keepdims=True)
+    # stop_gradient first: pmax has no differentiation rule (the statistics do not depend
+    # on the pivot mathematically)
+    pivot = lax.pmax(lax.stop_gradient(pivot), axis_name, axis_index_groups=axis_index_groups)
+    return lax.stop_gradient(jnp.where(jnp.isfinite(pivot), pivot, 0))
+
+
 def _combine_across(
     mean: jax.Array,
     var: jax.Array,
@@ -126,27 +149,20 @@ def _combine_across(
     axis_index_groups: Any,
 ) -> tuple[jax.Array, jax.Array]:
     r"""The statistics of the concatenated batch from each member's ``(mean, var, count)``
-    (Chan et al. 1979): with :math:`N = \sum_d n_d` and an agreed shift :math:`s` (the
-    largest member mean),
+    (Chan et al. 1979), with :math:`N = \sum_d n_d`:
 
     .. math::
-        \mu = s + \frac1N \sum_d n_d (\mu_d - s),\qquad
+        \mu = \frac1N \sum_d n_d \mu_d,\qquad
         \sigma^2 = \frac1N \sum_d n_d \big(\sigma_d^2 + (\mu_d - \mu)^2\big).
 
-    No cancellation however far apart the members' data lie, exact for unequal counts,
-    and a constant input stays exact. Three small collectives on statistics-sized arrays.
+    No cancellation, exact for unequal counts (members with nothing counted add nothing).
+    Two small collectives on statistics-sized arrays.
     """
     count = jnp.broadcast_to(count, mean.shape)
-    present = jnp.where(count > 0, lax.stop_gradient(mean), -jnp.inf)
-    # stop_gradient first: pmax has no differentiation rule (and mu does not depend on s)
-    shift = lax.pmax(present, axis_name, axis_index_groups=axis_index_groups)
-    shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
-    total, offset = lax.psum(
-        (count, count * (mean - shift)), axis_name, axis_index_groups=axis_index_groups
-    )
+    total, weighted = lax.psum((count, count * mean), axis_name, axis_index_groups=axis_index_groups)
     safe_total = jnp.maximum(total, 1)
-    global_mean = shift + offset / safe_total
-    spread = count * (var + jnp.square(mean - global_mean))
+    global_mean = weighted / safe_total
+    spread = jnp.where(count > 0, count * (var + jnp.square(mean - global_mean)), 0)
     global_var = lax.psum(spread, axis_name, axis_index_groups=axis_index_groups) / safe_total
     return global_mean, global_var
 
@@ -191,9 +207,17 @@ def moments(
         # to 2**13 float16 / 2**16 bfloat16 values has an exact sum), so their first-pass
         # mean is already exact for constant sets; only wider inputs need the refinement.
         refine = jnp.dtype(x.dtype).itemsize >= 4
-        mean, var, count = _local_moments(x.astype(compute), axes, mask, refine_mean=refine)
-        if axis_name is not None:
+        if axis_name is None:
+            mean, var, count = _local_moments(x.astype(compute), axes, mask, refine_mean=refine)
+        else:
+            # Each member's statistics of x - pivot (a shared data value), merged: the
+            # members' offsets from each other keep full precision, and a constant input
+            # (pivot = the constant) stays exact.
+            x = x.astype(compute)
+            pivot = _agreed_pivot(x, axes, mask, axis_name, axis_index_groups)
+            mean, var, count = _local_moments(x - pivot, axes, mask)
             mean, var = _combine_across(mean, var, count, axis_name, axis_index_groups)
+            mean = mean + pivot
     elif centered and axis_name is None:
         mean, var, _ = _local_moments(x.astype(compute), axes, mask, fast_variance=True)
     else:

@@ -467,3 +467,10 @@ def test_numpy_integer_sizes_and_integer_masks_are_accepted():
         jaxnorm.layer_norm(X, mask=mask, reduction_axes=2, feature_axes=-1),
         jaxnorm.layer_norm(X, mask=mask.astype(bool), reduction_axes=2, feature_axes=-1),
     )
+
+
+def test_a_one_element_feature_axis_tuple_is_the_axis():
+    np.testing.assert_array_equal(
+        jaxnorm.group_norm(X, num_groups=3, feature_axis=(-1,)),
+        jaxnorm.group_norm(X, num_groups=3, feature_axis=-1),
+    )

@@ -295,3 +295,27 @@ def test_vmap_gradients_with_unequal_masks_match_the_whole_masked_batch_in_both_
         _, mapped_tangent = jax.jvp(mapped_loss, args, direction)
         _, whole_tangent = jax.jvp(whole_loss, args, direction)
         np.testing.assert_allclose(mapped_tangent, whole_tangent, rtol=1e-10)
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+def test_pmap_variance_keeps_single_device_accuracy_at_large_offsets(offset):
+    # Member means rounded to ulp(offset) would swamp the between-member spread (~var/n);
+    # statistics of x - pivot (a shared data value) keep it.
+    rng = np.random.default_rng(15)
+    x = (rng.normal(size=(DEVICES, 50, CHANNELS)) + offset).astype(np.float32)
+    _, var = jax.pmap(lambda x: jaxnorm.moments(x, 0, axis_name="devices"), "devices")(x)
+    whole = _concatenated(x).astype(np.float64)
+    _assert_every_member_has(var, whole.var(0), rtol=5e-6)
+
+
+def test_pmap_huge_values_with_an_empty_member_stay_finite():
+    rng = np.random.default_rng(16)
+    x = (3e19 * (1 + 1e-3 * rng.normal(size=(DEVICES, PER_DEVICE, CHANNELS)))).astype(np.float32)
+    mask = np.ones(x.shape, bool)
+    mask[5] = False
+    mean, var = jax.pmap(
+        lambda x, m: jaxnorm.moments(x, 0, mask=m, axis_name="devices"), "devices"
+    )(x, mask)
+    kept = _concatenated(x)[_concatenated(mask)[:, 0]].astype(np.float64)
+    _assert_every_member_has(mean, kept.mean(0), rtol=1e-6)
+    _assert_every_member_has(var, kept.var(0), rtol=1e-3)

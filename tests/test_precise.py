@@ -172,3 +172,19 @@ def test_nnx_a_layer_called_twice_pools_both_calls():
     inputs = _both_calls(batches)
     np.testing.assert_allclose(model.shared.mean[...], inputs.mean(0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(model.shared.var[...], inputs.var(0), rtol=1e-5, atol=1e-5)
+
+
+def test_moments_left_in_the_variables_by_an_earlier_apply_are_ignored():
+    model, batches = TwoBatchNorms(), _batches()
+    variables = _variables(model, batches[0])
+    _, mutated = model.apply(
+        variables, batches[1] * 5 + 3, train=True, mutable=["batch_stats", "batch_moments"]
+    )
+    stale = {**variables, "batch_moments": mutated["batch_moments"]}
+    result = jaxnorm.recompute_batch_stats(
+        functools.partial(model.apply, train=True), stale, batches
+    )
+    expected = _expected(variables, batches)
+    np.testing.assert_allclose(
+        result["batch_stats"]["first"]["mean"], expected["first"]["mean"], rtol=1e-5, atol=1e-5
+    )
