@@ -14,7 +14,12 @@ Axes = int | Sequence[int]
 
 def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
     """Returns ``axes`` as sorted non-negative ints; raises ``ValueError`` naming ``name``."""
-    raw = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+    if isinstance(axes, (int, np.integer)):
+        raw = (axes,)
+    elif isinstance(axes, (tuple, list, range, np.ndarray)):
+        raw = tuple(axes)
+    else:
+        raise TypeError(f"{name} must be an int or a tuple of ints, got {axes!r}")
     canonical = []
     for axis in raw:
         if not isinstance(axis, (int, np.integer)):

@@ -474,3 +474,8 @@ def test_a_one_element_feature_axis_tuple_is_the_axis():
         jaxnorm.group_norm(X, num_groups=3, feature_axis=(-1,)),
         jaxnorm.group_norm(X, num_groups=3, feature_axis=-1),
     )
+
+
+@pytest.mark.parametrize("axes", [None, 2.0, "1"])
+def test_axes_that_are_not_ints_raise_type_error_naming_the_argument(axes):
+    _assert_raises_naming(lambda: jaxnorm.moments(X, axes), TypeError, r"\baxes\b")
