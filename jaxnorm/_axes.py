@@ -39,7 +39,8 @@ def canonicalize_axis(axis: Any, ndim: int, name: str) -> int:
     if isinstance(axis, (tuple, list)) and len(axis) == 1:
         axis = axis[0]
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise ValueError(f"{name} must be a single int axis, got {axis!r}")
+        # a ValueError like every other axis problem (API.md: errors naming the argument)
+        raise ValueError(f"{name} must be a single int axis, got {axis!r}")  # noqa: TRY004
     (canonical,) = canonicalize_axes(axis, ndim, name)
     return canonical
 

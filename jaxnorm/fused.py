@@ -21,14 +21,13 @@ textbook backward :math:`\bar x = r\gamma\bar y - \frac{w}{n}(\sum r\gamma\bar y
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnorm.stats import moments, statistics_dtype
+from jaxnorm.stats import element_count, moments, statistics_dtype
 
 Array = jax.Array
 
@@ -106,12 +105,8 @@ def _tangent(
         x, scale, bias, mask, reduction, eps, dtype, centered, fast_variance
     )
     compute = rstd.dtype
-    if mask is None:
-        count = jnp.asarray(math.prod(x.shape[a] for a in reduction), compute)
-        dx_in = dx.astype(compute)
-    else:
-        count = jnp.maximum(jnp.sum(mask, axis=reduction, keepdims=True, dtype=compute), 1)
-        dx_in = jnp.where(mask, dx, 0).astype(compute)
+    count = jnp.maximum(element_count(x.shape, reduction, mask, compute), 1)
+    dx_in = dx.astype(compute) if mask is None else jnp.where(mask, dx, 0).astype(compute)
     parameter = scale if scale is not None else bias
     if parameter is not None and all(parameter.shape[a] != 1 for a in reduction):
         return (y, mean, var), _tangent_per_element(

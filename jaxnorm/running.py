@@ -43,7 +43,7 @@ from jaxnorm._axes import (
 )
 from jaxnorm.functional import instance_norm, normalize, resolve_num_groups
 from jaxnorm.fused import normalize_with_statistics
-from jaxnorm.stats import moments
+from jaxnorm.stats import element_count, moments
 
 Array = jax.Array
 
@@ -82,14 +82,8 @@ def count_elements(
 ) -> Array:
     """The number of (unmasked) elements in each reduction set, summed over ``axis_name``;
     float32, with the reduced axes kept."""
-    if mask is None:
-        count = 1
-        for axis in reduction_axes:
-            count *= x_shape[axis]
-        kept = tuple(1 if a in reduction_axes else s for a, s in enumerate(x_shape))
-        count = jnp.full(kept, count, jnp.float32)
-    else:
-        count = jnp.sum(mask, axis=reduction_axes, keepdims=True, dtype=jnp.float32)
+    kept = tuple(1 if a in reduction_axes else s for a, s in enumerate(x_shape))
+    count = jnp.broadcast_to(element_count(x_shape, reduction_axes, mask, jnp.float32), kept)
     if axis_name is not None:
         count = lax.psum(count, axis_name, axis_index_groups=axis_index_groups)
     return count

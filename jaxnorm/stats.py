@@ -37,6 +37,16 @@ def statistics_dtype(dtype: Any) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def element_count(
+    shape: tuple[int, ...], axes: tuple[int, ...], mask: jax.Array | None, dtype: Any
+) -> jax.Array:
+    """The number of counted elements in each reduction set: a scalar without a mask, else
+    the mask's sums over ``axes`` (keepdims); 0 for a fully masked set."""
+    if mask is None:
+        return jnp.asarray(math.prod(shape[a] for a in axes), dtype)
+    return jnp.sum(mask, axis=axes, keepdims=True, dtype=dtype)
+
+
 # Largest mean² / var for which the one-pass variance is used locally: its rounding error
 # is then at most (1 + this) times that of the two-pass formula's (see _local_moments).
 ONE_PASS_CONDITION_LIMIT = 16.0
@@ -89,10 +99,7 @@ def _local_moments(
     ``benchmarks/RESULTS.md``.
     ``fast_variance`` keeps :math:`E[x^2] - \mu^2` unconditionally (Flax's fast variance).
     """
-    if mask is None:
-        count = jnp.asarray(math.prod(x.shape[a] for a in axes), x.dtype)
-    else:
-        count = jnp.sum(mask, axis=axes, keepdims=True, dtype=x.dtype)
+    count = element_count(x.shape, axes, mask, x.dtype)
     safe_count = jnp.maximum(count, 1)
     weighted = x if mask is None else jnp.where(mask, x, 0)
     mean = jnp.sum(weighted, axis=axes, keepdims=True) / safe_count
@@ -225,10 +232,7 @@ def moments(
         # Flax's fast variance.
         x = x.astype(compute)
         weighted = x if mask is None else jnp.where(mask, x, 0)
-        if mask is None:
-            count = jnp.asarray(math.prod(x.shape[a] for a in axes), compute)
-        else:
-            count = jnp.sum(mask, axis=axes, keepdims=True, dtype=compute)
+        count = element_count(x.shape, axes, mask, compute)
         first = jnp.sum(weighted, axis=axes, keepdims=True)
         second = jnp.sum(weighted * x, axis=axes, keepdims=True)
         if axis_name is not None:

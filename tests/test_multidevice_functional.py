@@ -259,7 +259,7 @@ def test_pmap_constant_input_gives_exactly_bias():
     mask = np.ones(x.shape, bool)
     mask[2] = False  # a member with nothing counted
     bias = np.asarray([0.5, -1.0, 2.0], np.float32)
-    y, mean, var = jax.pmap(
+    y, _, var = jax.pmap(
         lambda x, m: jaxnorm.batch_norm(x, None, bias, mask=m, axis_name="devices"), "devices"
     )(x, mask)
     np.testing.assert_array_equal(np.asarray(y)[mask], np.broadcast_to(bias, x.shape)[mask])
