@@ -209,7 +209,8 @@ class SpectralNorm(nn.Module):
         )
         if update_stats:
             u.value = new_u
-            stored_sigma.value = jax.lax.stop_gradient(sigma).astype(stored_sigma.value.dtype)
+            sigma_dtype = jnp.asarray(stored_sigma.value).dtype
+            stored_sigma.value = jax.lax.stop_gradient(sigma).astype(sigma_dtype)
         return w_normalized
 
 

@@ -11,8 +11,15 @@ on a persistent output-space vector :math:`u`:
 
 with :math:`\lVert x\rVert = \sqrt{\sum x_i^2 + \epsilon}` (Flax's convention; PyTorch
 divides by :math:`\max(\lVert x\rVert, \epsilon)`). The normalized weight is
-:math:`W/\sigma`. As in the paper, :math:`u` and :math:`v` are constants for the gradient:
+:math:`W/\sigma`. As in the paper (Algorithm 1) and Flax, the persistent vector lives in the
+output space and :math:`u` and :math:`v` are constants for the gradient:
 :math:`\partial\sigma/\partial W = v u^\top`.
+
+PyTorch's ``parametrizations.spectral_norm`` runs the same iteration on its ``(out, in)``
+matrix with the persistent vector on the *input* side (its ``_v``; its ``_u`` is recomputed
+from it first), so one of its training steps is exactly
+``spectral_norm(weight.reshape(out, -1), _v, n_steps=n_power_iterations)``: the
+normalized weight (reshape it back), the new ``_v`` and :math:`\sigma`.
 """
 
 from __future__ import annotations
