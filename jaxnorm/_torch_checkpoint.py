@@ -29,6 +29,12 @@ of the matching ``jaxnorm.linen`` module. Conventions:
   :math:`\sigma = u^\top W v` from the stored vectors. A ``jaxnorm.linen.SpectralNorm``
   with ``use_stored_sigma=True`` then evaluates exactly as PyTorch; in training both run
   power iteration from ``u``.
+
+For ``jaxnorm.nnx`` modules the same arrays load with ``nnx.update``: a norm takes
+``{**v['params'], **v.get('batch_stats', {})}``; ``nnx`` ``WeightNorm`` takes
+``{'layer_instance': params['layer_instance'], 'scales': {('kernel',): g}}`` and
+``SpectralNorm`` ``{'layer_instance': ..., 'batch_stats': {('kernel', 'u'): u,
+('kernel', 'sigma'): sigma}}``.
 """
 
 from __future__ import annotations
@@ -51,13 +57,14 @@ FlaxVariables = dict[str, dict[str, Any]]
 
 
 def _to_numpy(value: Any) -> np.ndarray:
-    """A tensor (any device, bfloat16 widened to float32) or array as a NumPy array."""
+    """A copy of a tensor (any device, bfloat16 widened to float32) or array as a NumPy
+    array: later in-place updates of the PyTorch module do not reach it."""
     if hasattr(value, "detach"):
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":
             value = value.float()
-        return value.numpy()
-    return np.asarray(value)
+        return value.numpy().copy()
+    return np.array(value, copy=True)
 
 
 def _module_prefix(key: str) -> tuple[str, str]:
@@ -152,15 +159,15 @@ def _batch_norm_variables(
     return variables
 
 
-def _is_affine_norm(entries: dict[str, np.ndarray]) -> bool:
-    """LayerNorm, GroupNorm, InstanceNorm, RMSNorm: ``weight`` shaped as ``bias``, or a
-    1-d ``weight`` alone (``Linear``/``Conv`` weights are at least 2-d, unlike their bias)."""
-    names = set(entries) - {"weight", "bias"}
-    if names or "weight" not in entries:
+def _is_affine_norm(entries: dict[str, np.ndarray], explicit: bool) -> bool:
+    """LayerNorm, GroupNorm, InstanceNorm, RMSNorm: ``weight`` shaped as ``bias`` (a
+    ``Linear``/``Conv`` weight is at least 2-d, unlike its bias), or a ``weight`` alone:
+    1-d, or any shape when the module was named explicitly."""
+    if set(entries) - {"weight", "bias"} or "weight" not in entries:
         return False
     if "bias" in entries:
         return entries["weight"].shape == entries["bias"].shape
-    return entries["weight"].ndim == 1
+    return explicit or entries["weight"].ndim == 1
 
 
 def _module_variables(
@@ -184,7 +191,7 @@ def _module_variables(
         return None
     if "running_mean" in entries and "running_var" in entries:
         return _batch_norm_variables(entries, cumulative_average)
-    if _is_affine_norm(entries) or (explicit and set(entries) <= {"weight", "bias"}):
+    if _is_affine_norm(entries, explicit):
         return {"params": _affine_params(entries)}
     if explicit:
         raise ValueError(f"{prefix!r} is not a normalization module: {sorted(entries)}")
