@@ -113,6 +113,7 @@ class WeightNorm(nn.Module):
         return _call_with_transformed_params(self, self._normalized, args, kwargs)
 
     def _normalized(self, name: str, v: Array) -> Array:
+        """The param ``name`` with value ``v`` as used: weight-normalized if selected."""
         if not _selected(name, self.variable_filter):
             return v
         g = None
@@ -182,6 +183,8 @@ class SpectralNorm(nn.Module):
         return _call_with_transformed_params(self, transform, args, kwargs)
 
     def _normalized(self, name: str, w: Array, update_stats: bool) -> Array:
+        """The param ``name`` with value ``w`` as used: :math:`w/\\sigma` for matrices
+        (storing the new ``u``, ``sigma`` when ``update_stats``), else ``w``."""
         if w.ndim <= 1 or self.n_steps < 1:
             return w
         if w.ndim > 2 and self.error_on_non_matrix:
@@ -251,6 +254,7 @@ class WeightStandardization(nn.Module):
         return _call_with_transformed_params(self, self._standardized, args, kwargs)
 
     def _standardized(self, name: str, w: Array) -> Array:
+        """The param ``name`` with value ``w`` as used: standardized if selected."""
         if w.ndim < 2 or not _selected(name, self.variable_filter):
             return w
         return standardize_weight(

@@ -58,6 +58,7 @@ def _call_with_transformed_params(
 
 
 def _feature_shape(shape: tuple[int, ...], feature_axes: WeightAxes | None) -> tuple[int, ...]:
+    """The shape of :math:`g` for a param of ``shape``: its sizes at ``feature_axes``."""
     if feature_axes is None:
         return ()
     return tuple(shape[axis] for axis in weight_axes(feature_axes, len(shape), "feature_axes"))
@@ -233,6 +234,8 @@ class SpectralNorm(nnx.Module):
         )
 
     def _normalized(self, path: Path, w: Array, update_stats: bool) -> Array:
+        """The param at ``path`` as used: :math:`w/\\sigma` for matrices (storing the new
+        ``u``, ``sigma`` when ``update_stats``), else ``w``."""
         if self._skips(path, w.shape):
             return w
         key_u, key_sigma = (*path, "u"), (*path, "sigma")

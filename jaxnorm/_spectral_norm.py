@@ -41,6 +41,7 @@ def _l2_normalized(x: Array, eps: float) -> Array:
 
 
 def _check_steps(n_steps: int) -> int:
+    """``n_steps`` as an int, or ``TypeError``/``ValueError`` naming it unless an int >= 1."""
     if isinstance(n_steps, bool):
         raise TypeError(f"n_steps must be an int >= 1, got {n_steps!r}")
     try:

@@ -79,6 +79,7 @@ def _module_prefix(key: str) -> tuple[str, str]:
 
 
 def _group_by_module(state_dict: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+    """``{module path: {name within the module: array}}``."""
     modules: dict[str, dict[str, np.ndarray]] = {}
     for key, value in state_dict.items():
         prefix, name = _module_prefix(key)
@@ -97,6 +98,8 @@ def _flax_kernel(weight: np.ndarray) -> np.ndarray:
 def _weight_norm_variables(
     entries: dict[str, np.ndarray], g_key: str, v_key: str, layer_name: str, prefix: str
 ) -> FlaxVariables:
+    """A weight-norm layer's variables for ``WeightNorm(Dense/Conv)``: ``v`` as the kernel,
+    ``g`` flattened to the feature shape as the scale."""
     g, v = entries[g_key], entries[v_key]
     if g.shape == (v.shape[0],) + (1,) * (v.ndim - 1):
         scale = g.reshape(v.shape[0])
@@ -116,6 +119,8 @@ def _weight_norm_variables(
 def _spectral_norm_variables(
     entries: dict[str, np.ndarray], keys: tuple[str, str, str], layer_name: str, prefix: str
 ) -> FlaxVariables:
+    """A spectral-norm layer's variables for ``SpectralNorm(Dense/Conv)``: the raw weight as
+    the kernel, ``u`` as ``(1, out)`` and PyTorch's eval-mode :math:`\\sigma = u^\\top W v`."""
     weight, u, v = (entries[key] for key in keys)
     if u.shape != weight.shape[:1]:
         raise ValueError(
@@ -136,6 +141,7 @@ def _spectral_norm_variables(
 
 
 def _affine_params(entries: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """PyTorch's ``weight``/``bias`` as Flax's ``scale``/``bias`` (those present)."""
     params = {}
     if "weight" in entries:
         params["scale"] = entries["weight"]
@@ -147,6 +153,7 @@ def _affine_params(entries: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _batch_norm_variables(
     entries: dict[str, np.ndarray], cumulative_average: bool
 ) -> FlaxVariables:
+    """A batch norm's variables: running statistics as stored, the count if asked for."""
     stats: dict[str, np.ndarray] = {"mean": entries["running_mean"], "var": entries["running_var"]}
     if cumulative_average:
         if "num_batches_tracked" not in entries:
