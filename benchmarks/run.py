@@ -142,7 +142,7 @@ FULL_CASES: tuple[tuple[str, tuple[int, ...]], ...] = (
     ("InstanceNorm", (8, 64, 64, 64)),
 )
 
-# The CPU subset: the shapes that stream more than the last-level cache holds.
+# The CPU subset: the FULL_CASES shapes that stream more than the last-level cache holds.
 QUICK_CASES: tuple[tuple[str, tuple[int, ...]], ...] = (
     ("LayerNorm", (8192, 1024)),
     ("RMSNorm", (8192, 1024)),

@@ -14,6 +14,8 @@ Axes = int | Sequence[int]
 
 def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
     """Returns ``axes`` as sorted non-negative ints; raises ``ValueError`` naming ``name``."""
+    if isinstance(axes, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int or a tuple of ints, got {axes!r}")
     if isinstance(axes, (int, np.integer)):
         raw = (axes,)
     elif isinstance(axes, (tuple, list, range, np.ndarray)):
@@ -22,7 +24,7 @@ def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
         raise TypeError(f"{name} must be an int or a tuple of ints, got {axes!r}")
     canonical = []
     for axis in raw:
-        if not isinstance(axis, (int, np.integer)):
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
             raise TypeError(f"{name} must contain ints, got {axis!r} in {axes!r}")
         if not -ndim <= axis < ndim:
             raise ValueError(
@@ -38,9 +40,11 @@ def canonicalize_axis(axis: Any, ndim: int, name: str) -> int:
     """A single axis (an int, negative allowed) as a non-negative int; errors name ``name``."""
     if isinstance(axis, (tuple, list)) and len(axis) == 1:
         axis = axis[0]
+    if isinstance(axis, (tuple, list)):
+        raise ValueError(f"{name} must be a single axis, got {len(axis)} axes: {axis!r}")  # noqa: TRY004 (a wrong count of axes)
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        # a ValueError like every other axis problem (API.md: errors naming the argument)
-        raise ValueError(f"{name} must be a single int axis, got {axis!r}")  # noqa: TRY004
+        # a TypeError, like every axis argument that is not made of ints
+        raise TypeError(f"{name} must be a single int axis, got {axis!r}")
     (canonical,) = canonicalize_axes(axis, ndim, name)
     return canonical
 
@@ -59,12 +63,31 @@ def check_floating(x: Any, name: str = "x") -> jax.Array:
     return x
 
 
+def as_floating(x: Any) -> jax.Array:
+    """``x`` as an array, integers and booleans promoted to float32 (the modules accept
+    them as Flax's do; the functional API asks for floating input)."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.float32)
+    return x
+
+
 def check_eps(eps: Any, name: str = "eps") -> None:
-    """Raises ``ValueError`` for a concrete negative ``eps`` (tracers pass unchecked)."""
+    """Raises unless ``eps`` is a non-negative real scalar: ``TypeError`` for None, strings,
+    booleans and non-real values, ``ValueError`` for arrays with more than one value,
+    negative numbers and NaN (tracers must be scalars and pass unchecked otherwise)."""
     if isinstance(eps, jax.core.Tracer):
+        if eps.shape != ():
+            raise ValueError(f"{name} must be a scalar, got a traced array of shape {eps.shape}")
         return
+    if eps is None or isinstance(eps, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"{name} must be a non-negative real number, got {eps!r}")
     value = np.asarray(eps)
-    if not np.all(value >= 0):  # also rejects NaN
+    if not (np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)):
+        raise TypeError(f"{name} must be a non-negative real number, got {eps!r}")
+    if value.shape != ():
+        raise ValueError(f"{name} must be a scalar, got an array of shape {value.shape}")
+    if not value >= 0:  # also rejects NaN
         raise ValueError(f"{name} must be a non-negative number, got {eps!r}")
 
 

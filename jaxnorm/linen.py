@@ -11,10 +11,13 @@ its checkpoints. Where they differ from Flax:
 * across ``axis_name`` the statistics are combined weighted by element counts, exact when
   devices hold different numbers of unmasked elements.
 * ``force_float32_reductions`` is accepted; reductions always run in at least float32.
-  ``False`` only stores BatchNorm's running statistics in ``param_dtype`` as Flax does.
+  ``False`` only initialises BatchNorm's running statistics in ``param_dtype`` as Flax
+  does; the update runs in float32 and, as in Flax, stores the promoted dtype.
+* integer inputs are promoted to float32 (as Flax does); the functional API
+  (:mod:`jaxnorm`) takes floating inputs only.
 
 BatchNorm adds ``unbiased_running_var``, ``momentum=None`` (exact cumulative average with a
-``count`` entry) and ``virtual_batch_size`` (ghost batch norm); see :mod:`jaxnorm.running`.
+``count`` entry) and ``virtual_batch_size`` (ghost batch norm); see :func:`jaxnorm.batch_norm`.
 """
 
 from __future__ import annotations
@@ -26,69 +29,64 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
 
-from jaxnorm._axes import (
-    Axes,
-    canonicalize_axes,
-    canonicalize_axis,
-    complement_axes,
-    feature_shape,
-)
-from jaxnorm.functional import (
-    adaptive_instance_norm,
-    batch_norm_inference,
-    local_response_norm,
-    normalize,
-)
-from jaxnorm.running import (
-    MOMENTS_COLLECTION,
-    BatchMoments,
-    RunningStatistics,
-    batch_norm_train,
-    conditional_instance_norm,
-    group_normalize,
-    merge_moments,
-    update_running_statistics,
-)
+import jaxnorm
+from jaxnorm._axes import Axes, as_floating, canonicalize_axes, canonicalize_axis, feature_shape
+from jaxnorm._precise import record_linen_moments
 
-Array = jax.Array
-zeros = nn.initializers.zeros
-ones = nn.initializers.ones
+__all__ = [
+    "AdaptiveInstanceNorm",
+    "BatchNorm",
+    "BatchRenorm",
+    "ConditionalInstanceNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "LocalResponseNorm",
+    "RMSNorm",
+]
+
+_zeros = nn.initializers.zeros
+_ones = nn.initializers.ones
 
 
 def _scale_and_bias(
-    module: nn.Module,
-    shape: tuple[int, ...],
-    use_scale: bool,
-    use_bias: bool,
-    scale_init: Initializer,
-    bias_init: Initializer,
-    param_dtype: Dtype,
-) -> tuple[Array | None, Array | None]:
-    """The ``scale`` and ``bias`` params of ``shape`` (``None`` when not used), as Flax."""
-    scale = module.param("scale", scale_init, shape, param_dtype) if use_scale else None
-    bias = module.param("bias", bias_init, shape, param_dtype) if use_bias else None
+    module: nn.Module, shape: tuple[int, ...], use_scale: bool = True, use_bias: bool = True
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """The module's ``scale`` and ``bias`` params of ``shape`` (None when unused), as Flax."""
+    scale = (module.param("scale", module.scale_init, shape, module.param_dtype)
+             if use_scale else None)
+    bias = (module.param("bias", module.bias_init, shape, module.param_dtype)
+            if use_bias else None)
     return scale, bias
 
 
-def _moments_requested(module: nn.Module) -> bool:
-    """Whether ``apply`` named the batch-moments collection as mutable (as
-    :func:`jaxnorm.recompute_batch_stats` does); ``mutable=True`` alone does not ask for it,
-    so the variables stay Flax's."""
-    mutable = module.scope.mutable if module.scope is not None else False
-    return mutable is not True and module.is_mutable_collection(MOMENTS_COLLECTION)
-
-
 class BatchNorm(nn.Module):
-    """Batch normalization (Ioffe & Szegedy 2015), a drop-in for ``flax.linen.BatchNorm``.
+    r"""Batch normalization (Ioffe & Szegedy 2015), a drop-in for ``flax.linen.BatchNorm``.
 
     Training: statistics over every axis except ``axis``; running statistics in
     ``batch_stats`` follow ``ra = momentum * ra + (1 - momentum) * batch`` (not moved by
-    ``init``). Evaluation (``use_running_average=True``) uses them.
+    ``init``). Evaluation (``use_running_average=True``) uses them. A batch of one value per
+    channel trains as in Flax (output ``bias``, variance 0).
 
-    Attributes beyond Flax's:
+    Attributes:
+      use_running_average: evaluation mode (may also be given at call time).
+      axis: the feature axes.
+      momentum: decay of the running averages; ``None`` keeps the exact cumulative
+        average over all batches so far (PyTorch's ``momentum=None``) with the batch count
+        in ``batch_stats['count']``.
+      epsilon: :math:`\epsilon` added to the variance.
+      dtype: output dtype (default: promoted input and parameter dtypes).
+      param_dtype: dtype of ``scale``/``bias``.
+      use_bias: learn a :math:`\beta`.
+      use_scale: learn a :math:`\gamma`.
+      bias_init: initializer of ``bias``.
+      scale_init: initializer of ``scale``.
+      axis_name: combine batch statistics across this mapped axis, count-weighted.
+      axis_index_groups: groups within ``axis_name``.
+      use_fast_variance: Flax's one-pass variance (off: two-pass accuracy).
+      force_float32_reductions: ``False`` initialises the running statistics in
+        ``param_dtype`` (reductions run in float32 regardless).
       unbiased_running_var: store ``n/(n-1)·var`` in ``var`` (PyTorch's convention).
-      momentum: ``None`` keeps the exact cumulative average over all batches so far
-        (PyTorch's ``momentum=None``) with the batch count in ``batch_stats['count']``.
       virtual_batch_size: ghost batch norm: training statistics per consecutive group of
         this many examples along axis 0; the running statistics average the groups'.
     """
@@ -101,8 +99,8 @@ class BatchNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
     use_bias: bool = True
     use_scale: bool = True
-    bias_init: Initializer = zeros
-    scale_init: Initializer = ones
+    bias_init: Initializer = _zeros
+    scale_init: Initializer = _ones
     axis_name: Any = None
     axis_index_groups: Any = None
     use_fast_variance: bool = False
@@ -110,87 +108,68 @@ class BatchNorm(nn.Module):
     unbiased_running_var: bool = False
     virtual_batch_size: int | None = None
 
-    def _renorm_limits(self) -> tuple[float, float] | None:
-        """``(r_max, d_max)`` for batch renormalization; ``None`` for plain BatchNorm."""
+    @nn.nowrap
+    def _renorm(self, running: jaxnorm.RunningStatistics) -> jaxnorm.Renorm | None:
+        """Batch renormalization's inputs; None for plain BatchNorm."""
         return None
 
     @nn.compact
     def __call__(
-        self,
-        x: Array,
-        use_running_average: bool | None = None,
-        *,
-        mask: Array | None = None,
-    ) -> Array:
-        """Normalizes ``x`` with batch statistics (training) or running ones (evaluation)."""
+        self, x: jax.Array, use_running_average: bool | None = None, *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalizes ``x`` with batch statistics (training) or running ones (evaluation).
+
+        Args:
+          x: the input.
+          use_running_average: evaluation mode; overrides the attribute.
+          mask: boolean, broadcastable to ``x``; ``False`` elements do not count.
+        """
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
-        x = jnp.asarray(x)
-        features = canonicalize_axes(self.axis, x.ndim, "axis")
-        shape = feature_shape(x.shape, features)
-        stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(shape, stats_dtype))
-        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(shape, stats_dtype))
-        ra_count = None
-        if self.momentum is None:
-            ra_count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
-        scale, bias = _scale_and_bias(
-            self, shape, self.use_scale, self.use_bias, self.scale_init, self.bias_init,
-            self.param_dtype,
-        )
-
+        x = as_floating(x)
+        shape = feature_shape(x.shape, canonicalize_axes(self.axis, x.ndim, "axis"))
+        running = self._running_statistics(shape)
+        scale, bias = _scale_and_bias(self, shape, self.use_scale, self.use_bias)
         if use_running_average:
-            return batch_norm_inference(
-                x, ra_mean.value, ra_var.value, scale, bias,
-                axis=features, eps=self.epsilon, dtype=self.dtype,
+            return jaxnorm.batch_norm_inference(
+                x, running.mean.value, running.var.value, scale, bias,
+                axis=self.axis, eps=self.epsilon, dtype=self.dtype,
             )
-
         initializing = self.is_initializing()
-        limits = self._renorm_limits()
-        y, batch = batch_norm_train(
-            x,
-            scale,
-            bias,
-            axis=features,
-            eps=self.epsilon,
-            mask=mask,
+        values = jaxnorm.RunningStatistics(*(None if v is None else v.value for v in running))
+        y, batch = jaxnorm.batch_norm(
+            x, scale, bias, axis=self.axis, eps=self.epsilon, mask=mask,
             # As Flax: `init` may run outside the mapped axis, so it does not sync.
             axis_name=None if initializing else self.axis_name,
             axis_index_groups=None if initializing else self.axis_index_groups,
-            dtype=self.dtype,
-            virtual_batch_size=self.virtual_batch_size,
-            renorm=None if limits is None else (ra_mean.value, ra_var.value, *limits),
-            # `init` does not move the statistics: a batch of one may initialize, as in Flax.
-            require_spread=not initializing,
-            fast_variance=self.use_fast_variance,
+            dtype=self.dtype, virtual_batch_size=self.virtual_batch_size,
+            renorm=self._renorm(values), fast_variance=self.use_fast_variance,
+            allow_single_value=True, return_moments=True,
         )
-        if not initializing:
-            running = update_running_statistics(
-                RunningStatistics(ra_mean.value, ra_var.value,
-                                  None if ra_count is None else ra_count.value),
-                batch,
-                momentum=self.momentum,
-                unbiased=self.unbiased_running_var,
+        if not initializing:  # as Flax, `init` does not move the statistics
+            updated = jaxnorm.update_running_statistics(
+                values, batch, momentum=self.momentum, unbiased=self.unbiased_running_var
             )
-            ra_mean.value, ra_var.value = running.mean, running.var
-            if ra_count is not None:
-                ra_count.value = running.count
-            if _moments_requested(self):
-                if self.has_variable(MOMENTS_COLLECTION, "mean"):
-                    # called again in this forward pass (shared layer): pool both calls
-                    batch = merge_moments(
-                        BatchMoments(*(self.get_variable(MOMENTS_COLLECTION, name)
-                                       for name in ("mean", "var", "count"))),
-                        batch,
-                    )
-                self.put_variable(MOMENTS_COLLECTION, "mean", batch.mean)
-                self.put_variable(MOMENTS_COLLECTION, "var", batch.var)
-                self.put_variable(MOMENTS_COLLECTION, "count", batch.count)
-                self.put_variable(
-                    MOMENTS_COLLECTION, "unbiased", jnp.asarray(self.unbiased_running_var)
-                )
+            for variable, value in zip(running, updated, strict=True):
+                if variable is not None:
+                    variable.value = value
+            record_linen_moments(self, batch, self.unbiased_running_var)
         return y
+
+    @nn.nowrap
+    def _running_statistics(self, shape: tuple[int, ...]) -> Any:
+        """The ``batch_stats`` variables (``count`` only with ``momentum=None``)."""
+        dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        count = None
+        if self.momentum is None:
+            count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
+        return jaxnorm.RunningStatistics(
+            self.variable("batch_stats", "mean", lambda: jnp.zeros(shape, dtype)),
+            self.variable("batch_stats", "var", lambda: jnp.ones(shape, dtype)),
+            count,
+        )
 
 
 class BatchRenorm(BatchNorm):
@@ -201,26 +180,49 @@ class BatchRenorm(BatchNorm):
     :math:`d = \mathrm{clip}((\mu_B-\mu)/\sigma, -d_{max}, d_{max})` from the running
     statistics, both under ``stop_gradient``; running statistics and evaluation as
     BatchNorm, with the same variables. ``r_max=1, d_max=0`` is BatchNorm.
+
+    Attributes:
+      r_max: the largest correction :math:`r` (at least 1).
+      d_max: the largest correction :math:`|d|` (at least 0).
     """
 
     r_max: float = 3.0
     d_max: float = 5.0
 
-    def _renorm_limits(self) -> tuple[float, float] | None:
-        return (self.r_max, self.d_max)
+    @nn.nowrap
+    def _renorm(self, running: jaxnorm.RunningStatistics) -> jaxnorm.Renorm | None:
+        return jaxnorm.Renorm(running.mean, running.var, self.r_max, self.d_max)
 
 
 class LayerNorm(nn.Module):
-    """Layer normalization (Ba et al. 2016), a drop-in for ``flax.linen.LayerNorm``:
-    statistics over ``reduction_axes``, ``scale``/``bias`` on ``feature_axes``."""
+    r"""Layer normalization (Ba et al. 2016), a drop-in for ``flax.linen.LayerNorm``:
+    statistics over ``reduction_axes``, ``scale``/``bias`` on ``feature_axes``
+    (:func:`jaxnorm.layer_norm`).
+
+    Attributes:
+      reduction_axes: the axes of the statistics.
+      feature_axes: the axes of ``scale`` and ``bias``.
+      epsilon: :math:`\epsilon` added to the variance.
+      dtype: output dtype (default: promoted input and parameter dtypes).
+      param_dtype: dtype of the parameters.
+      use_bias: learn a :math:`\beta`.
+      use_scale: learn a :math:`\gamma`.
+      bias_init: initializer of ``bias``.
+      scale_init: initializer of ``scale``.
+      axis_name: combine statistics across this mapped axis, count-weighted.
+      axis_index_groups: groups within ``axis_name``.
+      use_fast_variance: Flax's one-pass variance (off: two-pass accuracy).
+      force_float32_reductions: accepted for Flax compatibility; reductions always run in
+        at least float32.
+    """
 
     epsilon: float = 1e-6
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     use_bias: bool = True
     use_scale: bool = True
-    bias_init: Initializer = zeros
-    scale_init: Initializer = ones
+    bias_init: Initializer = _zeros
+    scale_init: Initializer = _ones
     reduction_axes: Axes = -1
     feature_axes: Axes = -1
     axis_name: Any = None
@@ -229,16 +231,16 @@ class LayerNorm(nn.Module):
     force_float32_reductions: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        x = jnp.asarray(x)
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; ``mask`` (boolean, broadcastable) excludes elements."""
+        x = as_floating(x)
         features = canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
         scale, bias = _scale_and_bias(
-            self, feature_shape(x.shape, features), self.use_scale, self.use_bias,
-            self.scale_init, self.bias_init, self.param_dtype,
+            self, feature_shape(x.shape, features), self.use_scale, self.use_bias
         )
-        return normalize(
-            x, self.reduction_axes, scale, bias,
-            feature_axes=features, eps=self.epsilon, mask=mask, axis_name=self.axis_name,
+        return jaxnorm.layer_norm(
+            x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=features,
+            eps=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype,
             fast_variance=self.use_fast_variance,
         )
@@ -246,13 +248,28 @@ class LayerNorm(nn.Module):
 
 class RMSNorm(nn.Module):
     r"""RMS normalization (Zhang & Sennrich 2019), a drop-in for ``flax.linen.RMSNorm``:
-    :math:`y = x / \sqrt{E[x^2] + \epsilon}\cdot\gamma`."""
+    :math:`y = x / \sqrt{E[x^2] + \epsilon}\cdot\gamma` (:func:`jaxnorm.rms_norm`).
+
+    Attributes:
+      reduction_axes: the axes of the mean square.
+      feature_axes: the axes of ``scale``.
+      epsilon: :math:`\epsilon` added to the variance.
+      dtype: output dtype (default: promoted input and parameter dtypes).
+      param_dtype: dtype of the parameters.
+      use_scale: learn a :math:`\gamma`.
+      scale_init: initializer of ``scale``.
+      axis_name: combine statistics across this mapped axis, count-weighted.
+      axis_index_groups: groups within ``axis_name``.
+      use_fast_variance: Flax's one-pass variance (off: two-pass accuracy).
+      force_float32_reductions: accepted for Flax compatibility; reductions always run in
+        at least float32.
+    """
 
     epsilon: float = 1e-6
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     use_scale: bool = True
-    scale_init: Initializer = ones
+    scale_init: Initializer = _ones
     reduction_axes: Axes = -1
     feature_axes: Axes = -1
     axis_name: Any = None
@@ -261,26 +278,43 @@ class RMSNorm(nn.Module):
     force_float32_reductions: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        x = jnp.asarray(x)
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; ``mask`` (boolean, broadcastable) excludes elements."""
+        x = as_floating(x)
         features = canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
-        scale, _ = _scale_and_bias(
-            self, feature_shape(x.shape, features), self.use_scale, False,
-            self.scale_init, zeros, self.param_dtype,
-        )
-        return normalize(
-            x, self.reduction_axes, scale,
-            feature_axes=features, eps=self.epsilon, mask=mask, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=self.dtype, centered=False,
+        scale = None
+        if self.use_scale:
+            scale = self.param("scale", self.scale_init, feature_shape(x.shape, features),
+                               self.param_dtype)
+        return jaxnorm.rms_norm(
+            x, scale, reduction_axes=self.reduction_axes, feature_axes=features,
+            eps=self.epsilon, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype,
         )
 
 
 class GroupNorm(nn.Module):
-    """Group normalization (Wu & He 2018), a drop-in for ``flax.linen.GroupNorm``.
+    r"""Group normalization (Wu & He 2018), a drop-in for ``flax.linen.GroupNorm``
+    (:func:`jaxnorm.group_norm`). Adds ``feature_axis`` (Flax: always the last axis).
 
-    Exactly one of ``num_groups`` / ``group_size``. Statistics per group of channels over
-    ``reduction_axes`` (default: every axis except 0). Adds ``feature_axis`` (Flax: always
-    the last axis); ``feature_axis=1`` serves NCHW.
+    Attributes:
+      num_groups: the number of groups (exactly one of ``num_groups``/``group_size``).
+      group_size: channels per group.
+      reduction_axes: the axes of the statistics, including the channel axis (default:
+        every axis except 0).
+      feature_axis: the channel axis (``1`` serves NCHW).
+      epsilon: :math:`\epsilon` added to the variance.
+      dtype: output dtype (default: promoted input and parameter dtypes).
+      param_dtype: dtype of the parameters.
+      use_bias: learn a :math:`\beta`.
+      use_scale: learn a :math:`\gamma`.
+      bias_init: initializer of ``bias``.
+      scale_init: initializer of ``scale``.
+      axis_name: combine statistics across this mapped axis, count-weighted.
+      axis_index_groups: groups within ``axis_name``.
+      use_fast_variance: Flax's one-pass variance (off: two-pass accuracy).
+      force_float32_reductions: accepted for Flax compatibility; reductions always run in
+        at least float32.
     """
 
     num_groups: int | None = 32
@@ -290,8 +324,8 @@ class GroupNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
     use_bias: bool = True
     use_scale: bool = True
-    bias_init: Initializer = zeros
-    scale_init: Initializer = ones
+    bias_init: Initializer = _zeros
+    scale_init: Initializer = _ones
     reduction_axes: Axes | None = None
     axis_name: Any = None
     axis_index_groups: Any = None
@@ -300,34 +334,46 @@ class GroupNorm(nn.Module):
     feature_axis: int = -1
 
     @nn.compact
-    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        x = jnp.asarray(x)
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; ``mask`` (boolean, broadcastable) excludes elements."""
+        x = as_floating(x)
         axis = canonicalize_axis(self.feature_axis, x.ndim, "feature_axis")
-        scale, bias = _scale_and_bias(
-            self, (x.shape[axis],), self.use_scale, self.use_bias,
-            self.scale_init, self.bias_init, self.param_dtype,
-        )
-        return group_normalize(
-            x, scale, bias,
-            num_groups=self.num_groups, group_size=self.group_size, feature_axis=axis,
-            reduction_axes=self.reduction_axes, eps=self.epsilon, mask=mask,
-            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+        scale, bias = _scale_and_bias(self, (x.shape[axis],), self.use_scale, self.use_bias)
+        return jaxnorm.group_norm(
+            x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
+            feature_axis=axis, reduction_axes=self.reduction_axes, eps=self.epsilon,
+            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
             dtype=self.dtype, fast_variance=self.use_fast_variance,
         )
 
 
 class InstanceNorm(nn.Module):
-    """Instance normalization (Ulyanov et al. 2016), a drop-in for
-    ``flax.linen.InstanceNorm``: statistics per example and channel over every axis except
-    0 and ``feature_axes``."""
+    r"""Instance normalization (Ulyanov et al. 2016), a drop-in for
+    ``flax.linen.InstanceNorm`` (:func:`jaxnorm.instance_norm`).
+
+    Attributes:
+      feature_axes: the channel axes (never the batch axis 0).
+      epsilon: :math:`\epsilon` added to the variance.
+      dtype: output dtype (default: promoted input and parameter dtypes).
+      param_dtype: dtype of the parameters.
+      use_bias: learn a :math:`\beta`.
+      use_scale: learn a :math:`\gamma`.
+      bias_init: initializer of ``bias``.
+      scale_init: initializer of ``scale``.
+      axis_name: combine statistics across this mapped axis, count-weighted.
+      axis_index_groups: groups within ``axis_name``.
+      use_fast_variance: Flax's one-pass variance (off: two-pass accuracy).
+      force_float32_reductions: accepted for Flax compatibility; reductions always run in
+        at least float32.
+    """
 
     epsilon: float = 1e-6
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     use_bias: bool = True
     use_scale: bool = True
-    bias_init: Initializer = zeros
-    scale_init: Initializer = ones
+    bias_init: Initializer = _zeros
+    scale_init: Initializer = _ones
     feature_axes: Axes = -1
     axis_name: Any = None
     axis_index_groups: Any = None
@@ -335,26 +381,31 @@ class InstanceNorm(nn.Module):
     force_float32_reductions: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        x = jnp.asarray(x)
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; ``mask`` (boolean, broadcastable) excludes elements."""
+        x = as_floating(x)
         features = canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
-        if 0 in features:
-            raise ValueError("feature_axes must not contain the batch axis 0")
         scale, bias = _scale_and_bias(
-            self, feature_shape(x.shape, features), self.use_scale, self.use_bias,
-            self.scale_init, self.bias_init, self.param_dtype,
+            self, feature_shape(x.shape, features), self.use_scale, self.use_bias
         )
-        return normalize(
-            x, complement_axes(x.ndim, (0,), features), scale, bias,
-            feature_axes=features, eps=self.epsilon, mask=mask, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-            fast_variance=self.use_fast_variance,
+        return jaxnorm.instance_norm(
+            x, scale, bias, feature_axes=features, eps=self.epsilon, mask=mask,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype, fast_variance=self.use_fast_variance,
         )
 
 
 class LocalResponseNorm(nn.Module):
-    """Local response normalization across channels (Krizhevsky et al. 2012), as
-    ``torch.nn.LocalResponseNorm``; see :func:`jaxnorm.local_response_norm`."""
+    r"""Local response normalization across channels (Krizhevsky et al. 2012), as
+    ``torch.nn.LocalResponseNorm`` (:func:`jaxnorm.local_response_norm`).
+
+    Attributes:
+      size: the window, in channels.
+      alpha: the multiplier.
+      beta: the exponent.
+      k: the additive constant.
+      feature_axis: the channel axis.
+    """
 
     size: int = 5
     alpha: float = 1e-4
@@ -362,33 +413,48 @@ class LocalResponseNorm(nn.Module):
     k: float = 1.0
     feature_axis: int = -1
 
-    def __call__(self, x: Array) -> Array:
-        return local_response_norm(
-            x, size=self.size, alpha=self.alpha, beta=self.beta, k=self.k,
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalizes ``x`` by its neighbouring channels' squares."""
+        return jaxnorm.local_response_norm(
+            as_floating(x), size=self.size, alpha=self.alpha, beta=self.beta, k=self.k,
             feature_axis=self.feature_axis,
         )
 
 
 class AdaptiveInstanceNorm(nn.Module):
-    """Adaptive instance normalization (Huang & Belongie 2017), called as
-    ``(content, style)``; no parameters. See :func:`jaxnorm.adaptive_instance_norm`."""
+    r"""Adaptive instance normalization (Huang & Belongie 2017), called as
+    ``(content, style)``; no parameters (:func:`jaxnorm.adaptive_instance_norm`).
+
+    Attributes:
+      epsilon: :math:`\epsilon` in both standard deviations.
+      feature_axes: the channel axes.
+    """
 
     epsilon: float = 1e-5
     feature_axes: Axes = -1
 
-    def __call__(self, content: Array, style: Array) -> Array:
-        return adaptive_instance_norm(
+    def __call__(self, content: jax.Array, style: jax.Array) -> jax.Array:
+        """``content`` with the per-channel mean and standard deviation of ``style``."""
+        return jaxnorm.adaptive_instance_norm(
             content, style, feature_axes=self.feature_axes, eps=self.epsilon
         )
 
 
 class ConditionalInstanceNorm(nn.Module):
-    r"""Conditional instance normalization (Dumoulin et al. 2017), called as ``(x, style_id)``.
+    r"""Conditional instance normalization (Dumoulin et al. 2017), called as ``(x, style_id)``
+    (:func:`jaxnorm.conditional_instance_norm`): ``scale``/``bias`` params of shape
+    ``(num_styles, *features)``.
 
-    :math:`y = \gamma_s \cdot \mathrm{IN}(x) + \beta_s` with ``scale``/``bias`` params of
-    shape ``(num_styles, *features)``. ``style_id`` is an integer style id (a scalar, or one
-    per example, shape ``(N,)``) or float style weights of shape ``(N, num_styles)`` that
-    mix the styles' :math:`\gamma, \beta` linearly.
+    Attributes:
+      num_styles: the number of styles.
+      feature_axes: the channel axes.
+      epsilon: :math:`\epsilon` added to the variance.
+      dtype: output dtype (default: promoted input and parameter dtypes).
+      param_dtype: dtype of the parameters.
+      use_bias: learn a :math:`\beta`.
+      use_scale: learn a :math:`\gamma`.
+      bias_init: initializer of ``bias``.
+      scale_init: initializer of ``scale``.
     """
 
     num_styles: int
@@ -397,19 +463,22 @@ class ConditionalInstanceNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
     use_bias: bool = True
     use_scale: bool = True
-    bias_init: Initializer = zeros
-    scale_init: Initializer = ones
+    bias_init: Initializer = _zeros
+    scale_init: Initializer = _ones
     feature_axes: Axes = -1
 
     @nn.compact
-    def __call__(self, x: Array, style_id: Array, *, mask: Array | None = None) -> Array:
-        x = jnp.asarray(x)
+    def __call__(
+        self, x: jax.Array, style_id: jax.Array, *, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Normalizes ``x`` with the parameters of ``style_id`` (ids or mixing weights)."""
+        x = as_floating(x)
         features = canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
         scale, bias = _scale_and_bias(
             self, (self.num_styles, *feature_shape(x.shape, features)), self.use_scale,
-            self.use_bias, self.scale_init, self.bias_init, self.param_dtype,
+            self.use_bias,
         )
-        return conditional_instance_norm(
-            x, style_id, scale, bias,
-            feature_axes=features, eps=self.epsilon, mask=mask, dtype=self.dtype,
+        return jaxnorm.conditional_instance_norm(
+            x, style_id, scale, bias, feature_axes=features, eps=self.epsilon, mask=mask,
+            dtype=self.dtype,
         )

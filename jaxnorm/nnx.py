@@ -4,8 +4,8 @@ The same set as :mod:`jaxnorm.linen`, in ``flax.nnx`` style and drop-in for the
 ``flax.nnx`` classes of the same name: constructors take ``num_features`` and ``rngs``;
 ``scale``/``bias`` are ``nnx.Param``; running statistics are ``nnx.BatchStat`` variables
 ``mean`` and ``var`` (and ``count`` with ``momentum=None``); ``model.train()`` /
-``model.eval()`` (or ``nnx.view``) toggle ``use_running_average``. The statistics math is
-shared with Linen in :mod:`jaxnorm.running`; see :mod:`jaxnorm.linen` for how the
+``model.eval()`` (or ``nnx.view``) toggle ``use_running_average``. Each module holds its
+parameters and calls the same :mod:`jaxnorm` function as its Linen twin; see :mod:`jaxnorm.linen` for how the
 statistics differ from Flax's (stable by default; ``use_fast_variance=True`` selects Flax's
 one-pass formula).
 :func:`recompute_batch_stats` (precise BN) recomputes a model's statistics in place.
@@ -19,34 +19,34 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes
 from flax.typing import Dtype, Initializer
 
-from jaxnorm._axes import Axes, canonicalize_axes, complement_axes
-from jaxnorm.functional import (
-    adaptive_instance_norm,
-    batch_norm_inference,
-    local_response_norm,
-    normalize,
-    resolve_num_groups,
-)
-from jaxnorm.precise import PooledMoments
-from jaxnorm.running import (
-    RunningStatistics,
-    batch_norm_train,
-    conditional_instance_norm,
-    group_normalize,
-    update_running_statistics,
-)
+import jaxnorm
+from jaxnorm._axes import Axes, as_floating
+from jaxnorm._group_norm import resolve_num_groups
+from jaxnorm._precise import recompute_nnx_batch_stats
+
+__all__ = [
+    "AdaptiveInstanceNorm",
+    "BatchNorm",
+    "BatchRenorm",
+    "ConditionalInstanceNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "LocalResponseNorm",
+    "RMSNorm",
+    "recompute_batch_stats",
+]
 
 Array = jax.Array
 PromoteDtypeFn = Any
-zeros = nnx.initializers.zeros_init()
-ones = nnx.initializers.ones_init()
-NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+_zeros = nnx.initializers.zeros_init()
+_ones = nnx.initializers.ones_init()
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
 
 def _param(
@@ -94,15 +94,15 @@ class BatchNorm(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         use_bias: bool = True,
         use_scale: bool = True,
-        bias_init: Initializer = zeros,
-        scale_init: Initializer = ones,
+        bias_init: Initializer = _zeros,
+        scale_init: Initializer = _ones,
         axis_name: Any = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = False,
         promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         rngs: nnx.Rngs,
-        bias_metadata: Mapping[str, Any] = NO_METADATA,
-        scale_metadata: Mapping[str, Any] = NO_METADATA,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
         unbiased_running_var: bool = False,
         virtual_batch_size: int | None = None,
     ):
@@ -132,8 +132,8 @@ class BatchNorm(nnx.Module):
         # Set by jaxnorm.nnx.recompute_batch_stats: sow each batch's moments.
         self.report_batch_moments = False
 
-    def _renorm_limits(self) -> tuple[float, float] | None:
-        """``(r_max, d_max)`` for batch renormalization; ``None`` for plain BatchNorm."""
+    def _renorm(self) -> jaxnorm.Renorm | None:
+        """Batch renormalization's inputs; None for plain BatchNorm."""
         return None
 
     def __call__(
@@ -143,7 +143,13 @@ class BatchNorm(nnx.Module):
         *,
         mask: Array | None = None,
     ) -> Array:
-        """Normalizes ``x``; the call's ``use_running_average`` overrides the attribute."""
+        """Normalizes ``x``; the call's ``use_running_average`` overrides the attribute.
+
+        Args:
+          x: the input.
+          use_running_average: evaluation mode; overrides the attribute.
+          mask: boolean, broadcastable to ``x``; ``False`` elements do not count.
+        """
         use_running_average = first_from(
             use_running_average,
             self.use_running_average,
@@ -151,36 +157,25 @@ class BatchNorm(nnx.Module):
             "use model.train() / model.eval()",
         )
         x, scale, bias = self.promote_dtype(
-            (x, _value(self.scale), _value(self.bias)), dtype=self.dtype
+            (as_floating(x), _value(self.scale), _value(self.bias)), dtype=self.dtype
         )
         if use_running_average:
-            return batch_norm_inference(
+            return jaxnorm.batch_norm_inference(
                 x, self.mean[...], self.var[...], scale, bias,
                 axis=self.axis, eps=self.epsilon, dtype=self.dtype,
             )
-        limits = self._renorm_limits()
-        y, batch = batch_norm_train(
-            x,
-            scale,
-            bias,
-            axis=self.axis,
-            eps=self.epsilon,
-            mask=mask,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype,
-            virtual_batch_size=self.virtual_batch_size,
-            renorm=None if limits is None else (self.mean[...], self.var[...], *limits),
-            fast_variance=self.use_fast_variance,
+        y, batch = jaxnorm.batch_norm(
+            x, scale, bias, axis=self.axis, eps=self.epsilon, mask=mask,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype, virtual_batch_size=self.virtual_batch_size,
+            renorm=self._renorm(), fast_variance=self.use_fast_variance,
+            allow_single_value=True, return_moments=True,
         )
-        running = update_running_statistics(
-            RunningStatistics(self.mean[...], self.var[...], _value(self.count)),
-            batch,
-            momentum=self.momentum,
-            unbiased=self.unbiased_running_var,
+        running = jaxnorm.update_running_statistics(
+            jaxnorm.RunningStatistics(self.mean[...], self.var[...], _value(self.count)),
+            batch, momentum=self.momentum, unbiased=self.unbiased_running_var,
         )
-        self.mean[...] = running.mean
-        self.var[...] = running.var
+        self.mean[...], self.var[...] = running.mean, running.var
         if self.count is not None:
             self.count[...] = running.count
         if self.report_batch_moments:
@@ -188,7 +183,12 @@ class BatchNorm(nnx.Module):
         return y
 
     def set_view(self, use_running_average: bool | None = None) -> None:
-        """Used by ``nnx.view``: sets ``use_running_average`` when given."""
+        """Used by ``nnx.view``: sets ``use_running_average`` when given.
+
+        Args:
+          use_running_average: if True, use the running statistics (evaluation); if False,
+            the batch statistics (training); None leaves the mode unchanged.
+        """
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
@@ -198,7 +198,7 @@ class BatchRenorm(BatchNorm):
 
     Training: :math:`y = ((x-\mu_B)/\sigma_B\cdot r + d)\,\gamma + \beta` with ``r``, ``d``
     from the running statistics, clipped and under ``stop_gradient``
-    (:mod:`jaxnorm.running`). ``r_max=1, d_max=0`` is BatchNorm.
+    (:func:`jaxnorm.batch_norm`). ``r_max=1, d_max=0`` is BatchNorm.
     """
 
     def __init__(
@@ -214,8 +214,8 @@ class BatchRenorm(BatchNorm):
         self.r_max = r_max
         self.d_max = d_max
 
-    def _renorm_limits(self) -> tuple[float, float] | None:
-        return (self.r_max, self.d_max)
+    def _renorm(self) -> jaxnorm.Renorm | None:
+        return jaxnorm.Renorm(self.mean[...], self.var[...], self.r_max, self.d_max)
 
 
 class LayerNorm(nnx.Module):
@@ -230,8 +230,8 @@ class LayerNorm(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         use_bias: bool = True,
         use_scale: bool = True,
-        bias_init: Initializer = zeros,
-        scale_init: Initializer = ones,
+        bias_init: Initializer = _zeros,
+        scale_init: Initializer = _ones,
         reduction_axes: Axes = -1,
         feature_axes: Axes = -1,
         axis_name: Any = None,
@@ -239,8 +239,8 @@ class LayerNorm(nnx.Module):
         use_fast_variance: bool = False,
         promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         rngs: nnx.Rngs,
-        bias_metadata: Mapping[str, Any] = NO_METADATA,
-        scale_metadata: Mapping[str, Any] = NO_METADATA,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
         shape = _shape(num_features)
         self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
@@ -259,11 +259,12 @@ class LayerNorm(nnx.Module):
         self.promote_dtype = promote_dtype
 
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Normalizes ``x``; ``mask`` (boolean, broadcastable) excludes elements."""
         x, scale, bias = self.promote_dtype(
-            (x, _value(self.scale), _value(self.bias)), dtype=self.dtype
+            (as_floating(x), _value(self.scale), _value(self.bias)), dtype=self.dtype
         )
-        return normalize(
-            x, self.reduction_axes, scale, bias,
+        return jaxnorm.layer_norm(
+            x, scale, bias, reduction_axes=self.reduction_axes,
             feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
             dtype=self.dtype, fast_variance=self.use_fast_variance,
@@ -282,7 +283,7 @@ class RMSNorm(nnx.Module):
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         use_scale: bool = True,
-        scale_init: Initializer = ones,
+        scale_init: Initializer = _ones,
         reduction_axes: Axes = -1,
         feature_axes: Axes = -1,
         axis_name: Any = None,
@@ -290,7 +291,7 @@ class RMSNorm(nnx.Module):
         use_fast_variance: bool = False,
         promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         rngs: nnx.Rngs,
-        scale_metadata: Mapping[str, Any] = NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
         shape = _shape(num_features)
         self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
@@ -307,12 +308,12 @@ class RMSNorm(nnx.Module):
         self.promote_dtype = promote_dtype
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        x, scale = self.promote_dtype((x, _value(self.scale)), dtype=self.dtype)
-        return normalize(
-            x, self.reduction_axes, scale,
-            feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
-            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype, centered=False,
+        """Normalizes ``x``; ``mask`` (boolean, broadcastable) excludes elements."""
+        x, scale = self.promote_dtype((as_floating(x), _value(self.scale)), dtype=self.dtype)
+        return jaxnorm.rms_norm(
+            x, scale, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
+            eps=self.epsilon, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype,
         )
 
 
@@ -331,16 +332,16 @@ class GroupNorm(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         use_bias: bool = True,
         use_scale: bool = True,
-        bias_init: Initializer = zeros,
-        scale_init: Initializer = ones,
+        bias_init: Initializer = _zeros,
+        scale_init: Initializer = _ones,
         reduction_axes: Axes | None = None,
         axis_name: Any = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = False,
         promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         rngs: nnx.Rngs,
-        bias_metadata: Mapping[str, Any] = NO_METADATA,
-        scale_metadata: Mapping[str, Any] = NO_METADATA,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
         feature_axis: int = -1,
     ):
         self.num_groups = resolve_num_groups(num_features, num_groups, group_size)
@@ -362,15 +363,16 @@ class GroupNorm(nnx.Module):
         self.promote_dtype = promote_dtype
 
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Normalizes ``x``; ``mask`` (boolean, broadcastable) excludes elements."""
         x, scale, bias = self.promote_dtype(
-            (x, _value(self.scale), _value(self.bias)), dtype=self.dtype
+            (as_floating(x), _value(self.scale), _value(self.bias)), dtype=self.dtype
         )
-        return group_normalize(
-            x, scale, bias,
-            num_groups=self.num_groups, group_size=None, feature_axis=self.feature_axis,
-            reduction_axes=self.reduction_axes, eps=self.epsilon, mask=mask,
-            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype, fast_variance=self.use_fast_variance,
+        return jaxnorm.group_norm(
+            x, scale, bias, num_groups=self.num_groups, group_size=None,
+            feature_axis=self.feature_axis, reduction_axes=self.reduction_axes,
+            eps=self.epsilon, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+            fast_variance=self.use_fast_variance,
         )
 
 
@@ -388,16 +390,16 @@ class InstanceNorm(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         use_bias: bool = True,
         use_scale: bool = True,
-        bias_init: Initializer = zeros,
-        scale_init: Initializer = ones,
+        bias_init: Initializer = _zeros,
+        scale_init: Initializer = _ones,
         feature_axes: Axes = -1,
         axis_name: Any = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = False,
         promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         rngs: nnx.Rngs,
-        bias_metadata: Mapping[str, Any] = NO_METADATA,
-        scale_metadata: Mapping[str, Any] = NO_METADATA,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
         shape = _shape(num_features)
         self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
@@ -415,15 +417,12 @@ class InstanceNorm(nnx.Module):
         self.promote_dtype = promote_dtype
 
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Normalizes ``x``; ``mask`` (boolean, broadcastable) excludes elements."""
         x, scale, bias = self.promote_dtype(
-            (x, _value(self.scale), _value(self.bias)), dtype=self.dtype
+            (as_floating(x), _value(self.scale), _value(self.bias)), dtype=self.dtype
         )
-        features = canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
-        if 0 in features:
-            raise ValueError("feature_axes must not contain the batch axis 0")
-        return normalize(
-            x, complement_axes(x.ndim, (0,), features), scale, bias,
-            feature_axes=features, eps=self.epsilon, mask=mask,
+        return jaxnorm.instance_norm(
+            x, scale, bias, feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
             dtype=self.dtype, fast_variance=self.use_fast_variance,
         )
@@ -448,8 +447,8 @@ class LocalResponseNorm(nnx.Module):
         self.feature_axis = feature_axis
 
     def __call__(self, x: Array) -> Array:
-        return local_response_norm(
-            x, size=self.size, alpha=self.alpha, beta=self.beta, k=self.k,
+        return jaxnorm.local_response_norm(
+            as_floating(x), size=self.size, alpha=self.alpha, beta=self.beta, k=self.k,
             feature_axis=self.feature_axis,
         )
 
@@ -463,7 +462,7 @@ class AdaptiveInstanceNorm(nnx.Module):
         self.feature_axes = feature_axes
 
     def __call__(self, content: Array, style: Array) -> Array:
-        return adaptive_instance_norm(
+        return jaxnorm.adaptive_instance_norm(
             content, style, feature_axes=self.feature_axes, eps=self.epsilon
         )
 
@@ -484,14 +483,14 @@ class ConditionalInstanceNorm(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         use_bias: bool = True,
         use_scale: bool = True,
-        bias_init: Initializer = zeros,
-        scale_init: Initializer = ones,
+        bias_init: Initializer = _zeros,
+        scale_init: Initializer = _ones,
         feature_axes: Axes = -1,
         rngs: nnx.Rngs,
     ):
         shape = (num_styles, *_shape(num_features))
-        self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs, NO_METADATA)
-        self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs, NO_METADATA)
+        self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs, _NO_METADATA)
+        self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs, _NO_METADATA)
         self.num_features = num_features
         self.num_styles = num_styles
         self.epsilon = epsilon
@@ -499,8 +498,8 @@ class ConditionalInstanceNorm(nnx.Module):
         self.feature_axes = feature_axes
 
     def __call__(self, x: Array, style_id: Array, *, mask: Array | None = None) -> Array:
-        return conditional_instance_norm(
-            x, style_id, _value(self.scale), _value(self.bias),
+        return jaxnorm.conditional_instance_norm(
+            as_floating(x), style_id, _value(self.scale), _value(self.bias),
             feature_axes=self.feature_axes, eps=self.epsilon, mask=mask, dtype=self.dtype,
         )
 
@@ -511,45 +510,13 @@ def recompute_batch_stats(model: nnx.Module, batches: Iterable[Any]) -> nnx.Modu
 
     ``model(batch)`` runs once per batch (under ``nnx.jit``) with those layers in training
     mode and their statistics held fixed; other layers (Dropout, ...) keep their mode. The
-    batch moments are pooled exactly as :func:`jaxnorm.recompute_batch_stats` does. Each
-    batch is passed as the one positional input. Returns ``model``.
+    batch moments are pooled exactly as :func:`jaxnorm.recompute_batch_stats` does.
+
+    Args:
+      model: an NNX model containing :class:`BatchNorm` layers; updated in place.
+      batches: an iterable of model inputs, each passed as the one positional input.
+
+    Returns:
+      ``model``.
     """
-    found = [(path, layer) for path, layer in nnx.iter_modules(model)
-             if isinstance(layer, BatchNorm)]
-    if not found:
-        raise ValueError("recompute_batch_stats found no jaxnorm.nnx BatchNorm in the model")
-    paths, layers = zip(*found, strict=True)
-    modes = [layer.use_running_average for layer in layers]
-    fixed = nnx.clone(nnx.state(model, nnx.BatchStat))
-    pools = [PooledMoments() for _ in layers]
-
-    @nnx.jit
-    def forward(module: nnx.Module, batch: Any) -> nnx.State:
-        return nnx.capture(module, nnx.Intermediate)(batch)[1]
-
-    try:
-        for layer in layers:
-            layer.use_running_average, layer.report_batch_moments = False, True
-        num_batches = 0
-        for batch in batches:
-            captured = forward(model, batch)
-            num_batches += 1
-            for path, pool in zip(paths, pools, strict=True):
-                moments = captured
-                for key in (*path, "batch_moments"):
-                    moments = moments[key]
-                # one entry per call of the layer (several when its weights are shared)
-                for mean, var, count in moments.get_value():
-                    pool.add(np.asarray(count), np.asarray(mean), np.asarray(var))
-            nnx.update(model, fixed)
-    finally:
-        for layer, mode in zip(layers, modes, strict=True):
-            layer.use_running_average, layer.report_batch_moments = mode, False
-    if not num_batches:
-        raise ValueError("recompute_batch_stats needs at least one batch")
-    for layer, pool in zip(layers, pools, strict=True):
-        layer.mean[...] = jnp.asarray(pool.mean, layer.mean.dtype)
-        layer.var[...] = jnp.asarray(pool.variance(layer.unbiased_running_var), layer.var.dtype)
-        if layer.count is not None:
-            layer.count[...] = jnp.asarray(num_batches, layer.count.dtype)
-    return model
+    return recompute_nnx_batch_stats(model, batches, BatchNorm)

@@ -1,6 +1,6 @@
 """Smoke test of ``benchmarks/run.py`` on tiny shapes: every layer's jaxnorm and Flax
-functions agree, and the timing, bandwidth, JSON and memory plumbing produce the records the
-outside check reads. No assertion on timings."""
+functions agree, and the timing, bandwidth, JSON and memory plumbing produce the records
+``benchmarks/RESULTS.md`` is written from. No assertion on timings."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad input gets a clear error naming the argument (API.md, "Errors"), never a silently
+"""Bad input gets a clear error naming the argument (docs/design.md, "Errors"), never a silently
 wrong answer."""
 
 from __future__ import annotations

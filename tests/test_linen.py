@@ -84,11 +84,11 @@ def test_variable_tree_matches_flax(name, kwargs, shape):
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), ours, theirs))
 
 
-def _assert_close_statistics(ours, theirs):
+def _assert_close_statistics(ours, theirs, half_statistics=False):
     """Running statistics agree; bfloat16 ones (force_float32_reductions=False) to its
-    precision. (Flax lets a bfloat16 statistic turn float32 when updated; ours keep their
-    dtype.)"""
-    half = jnp.bfloat16 in (ours.dtype, theirs.dtype)
+    precision. (Both turn a bfloat16 statistic float32 when updated; Flax multiplies the
+    old value by the momentum in bfloat16 first, jaxnorm in float32.)"""
+    half = half_statistics or jnp.bfloat16 in (ours.dtype, theirs.dtype)
     tol = 1e-2 if half else 1e-5
     np.testing.assert_allclose(
         np.asarray(ours, np.float32), np.asarray(theirs, np.float32), rtol=tol, atol=tol / 10
@@ -107,7 +107,9 @@ def test_variables_load_both_ways_with_the_same_outputs(name, kwargs, shape):
         half = jnp.bfloat16 in (y_ours.dtype, kwargs.get("param_dtype"))
         tol = 2e-2 if half else 2e-5  # Flax rounds through bfloat16 params and statistics
         np.testing.assert_allclose(y_ours, y_theirs, rtol=tol, atol=tol)
-        jax.tree.map(_assert_close_statistics, state_ours, state_theirs)
+        half_statistics = kwargs.get("force_float32_reductions") is False
+        jax.tree.map(functools.partial(_assert_close_statistics, half_statistics=half_statistics),
+                     state_ours, state_theirs)
         if "use_running_average" in kwargs:
             evaluate = dict(kwargs, use_running_average=True)
             np.testing.assert_allclose(
@@ -206,10 +208,22 @@ def test_ghost_batch_size_must_divide_the_batch():
         shapes(_bn(virtual_batch_size=4), x)
 
 
-def test_training_batch_norm_with_one_value_per_channel_is_an_error():
-    variables = init(_bn(), np.ones((2, 3), np.float32))
-    with pytest.raises(ValueError, match="more than one value per channel"):
-        _bn().apply(variables, np.ones((1, 3), np.float32), mutable=["batch_stats"])
+def test_training_batch_norm_with_one_value_per_channel_behaves_as_flax():
+    # Flax's own tests (nn.scan/nn.vmap, tabulate on a batch of one) train on one value per
+    # channel: the output is `bias` and the statistics move towards (x, 0). The functional
+    # jaxnorm.batch_norm still raises unless allow_single_value=True (tests/test_errors.py).
+    x = _data((1, 3), loc=2.0)
+    variables = _randomized(init(_bn(), np.ones((2, 3), np.float32)))
+    y, state = _bn().apply(variables, x, mutable=["batch_stats"])
+    y_flax, state_flax = fnn.BatchNorm(use_running_average=False).apply(
+        variables, x, mutable=["batch_stats"]
+    )
+    np.testing.assert_allclose(y, np.broadcast_to(variables["params"]["bias"], (1, 3)),
+                               rtol=1e-6)
+    np.testing.assert_allclose(y, y_flax, rtol=1e-6, atol=1e-6)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(state["batch_stats"][name], state_flax["batch_stats"][name],
+                                   rtol=1e-6)
 
 
 def test_init_with_a_batch_of_one_works_as_in_flax():

@@ -24,15 +24,16 @@ pooled within-ghost-batch variance, and the combination adds the spread between 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
+from flax import nnx, traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
-from jaxnorm.running import MOMENTS_COLLECTION
+from jaxnorm._running import MOMENTS_COLLECTION, BatchMoments, merge_moments
 
 
 class PooledMoments:
@@ -85,7 +86,31 @@ def recompute_batch_stats(
         _, mutated = apply_fn(variables, batch, mutable=["batch_stats", MOMENTS_COLLECTION])
         return mutated.get(MOMENTS_COLLECTION, {})
 
-    forward = jax.jit(moments_of)
+    pooled, unbiased, num_batches = _pool_linen_moments(jax.jit(moments_of), variables, batches)
+    if not pooled:
+        raise ValueError(
+            "recompute_batch_stats saw no BatchNorm batch moments: batches must be non-empty "
+            "and apply_fn must run the model in training mode (e.g. "
+            "functools.partial(model.apply, train=True)) with jaxnorm.linen BatchNorm layers; "
+            f"layers inside nn.scan / nn.vmap need the {MOMENTS_COLLECTION!r} collection in "
+            "their variable_axes"
+        )
+    stats = traverse_util.flatten_dict(unfreeze(variables["batch_stats"]))
+    for layer, accumulated in pooled.items():
+        mean_path, var_path = layer + ("mean",), layer + ("var",)
+        stats[mean_path] = np.asarray(accumulated.mean).astype(stats[mean_path].dtype)
+        stats[var_path] = accumulated.variance(unbiased[layer]).astype(stats[var_path].dtype)
+        if layer + ("count",) in stats:
+            stats[layer + ("count",)] = np.asarray(num_batches, stats[layer + ("count",)].dtype)
+    new_stats = jax.tree.map(jax.numpy.asarray, traverse_util.unflatten_dict(stats))
+    result = {**unfreeze(variables), "batch_stats": new_stats}
+    return freeze(result) if isinstance(variables, FrozenDict) else result
+
+
+def _pool_linen_moments(
+    forward: Callable[[Any, Any], Any], variables: Any, batches: Iterable[Any]
+) -> tuple[dict[tuple[str, ...], PooledMoments], dict[tuple[str, ...], bool], int]:
+    """Runs ``forward`` on every batch and pools each layer's reported moments."""
     pooled: dict[tuple[str, ...], PooledMoments] = {}
     unbiased: dict[tuple[str, ...], bool] = {}
     num_batches = 0
@@ -100,22 +125,74 @@ def recompute_batch_stats(
                 moments["count"], moments["mean"], moments["var"]
             )
             unbiased[layer] = bool(np.all(captured[layer + ("unbiased",)]))
-    if not pooled:
-        raise ValueError(
-            "recompute_batch_stats saw no BatchNorm batch moments: batches must be non-empty "
-            "and apply_fn must run the model in training mode (e.g. "
-            "functools.partial(model.apply, train=True)) with jaxnorm.linen BatchNorm layers; "
-            f"layers inside nn.scan / nn.vmap need the {MOMENTS_COLLECTION!r} collection in "
-            "their variable_axes"
-        )
+    return pooled, unbiased, num_batches
 
-    stats = traverse_util.flatten_dict(unfreeze(variables["batch_stats"]))
-    for layer, accumulated in pooled.items():
-        mean_path, var_path = layer + ("mean",), layer + ("var",)
-        stats[mean_path] = np.asarray(accumulated.mean).astype(stats[mean_path].dtype)
-        stats[var_path] = accumulated.variance(unbiased[layer]).astype(stats[var_path].dtype)
-        if layer + ("count",) in stats:
-            stats[layer + ("count",)] = np.asarray(num_batches, stats[layer + ("count",)].dtype)
-    new_stats = jax.tree.map(jax.numpy.asarray, traverse_util.unflatten_dict(stats))
-    result = {**unfreeze(variables), "batch_stats": new_stats}
-    return freeze(result) if isinstance(variables, FrozenDict) else result
+
+def record_linen_moments(module: Any, batch: BatchMoments, unbiased: bool) -> None:
+    """Puts a Linen BatchNorm call's batch moments in the ``batch_moments`` collection when
+    ``apply`` named it mutable (pooling both calls of a layer called twice)."""
+    scope_mutable = module.scope.mutable if module.scope is not None else False
+    # `mutable=True` alone does not ask for it, so the variables stay Flax's
+    if scope_mutable is True or not module.is_mutable_collection(MOMENTS_COLLECTION):
+        return
+    if module.has_variable(MOMENTS_COLLECTION, "mean"):
+        earlier = BatchMoments(*(module.get_variable(MOMENTS_COLLECTION, name)
+                                 for name in ("mean", "var", "count")))
+        batch = merge_moments(earlier, batch)
+    for name in ("mean", "var", "count"):
+        module.put_variable(MOMENTS_COLLECTION, name, getattr(batch, name))
+    module.put_variable(MOMENTS_COLLECTION, "unbiased", jnp.asarray(unbiased))
+
+
+def _pool_nnx_moments(
+    model: nnx.Module, paths: Sequence[Any], layers: Sequence[Any], batches: Iterable[Any]
+) -> tuple[list[PooledMoments], int]:
+    """Runs ``model`` in training mode on every batch, statistics held fixed, and pools
+    each layer's sown moments (one entry per call of the layer)."""
+    fixed = nnx.clone(nnx.state(model, nnx.BatchStat))
+    pools = [PooledMoments() for _ in layers]
+
+    @nnx.jit
+    def forward(module: nnx.Module, batch: Any) -> nnx.State:
+        return nnx.capture(module, nnx.Intermediate)(batch)[1]
+
+    num_batches = 0
+    for batch in batches:
+        captured = forward(model, batch)
+        num_batches += 1
+        for path, pool in zip(paths, pools, strict=True):
+            moments = captured
+            for key in (*path, "batch_moments"):
+                moments = moments[key]
+            for mean, var, count in moments.get_value():
+                pool.add(np.asarray(count), np.asarray(mean), np.asarray(var))
+        nnx.update(model, fixed)
+    return pools, num_batches
+
+
+def recompute_nnx_batch_stats(
+    model: nnx.Module, batches: Iterable[Any], layer_type: type
+) -> nnx.Module:
+    """Precise BatchNorm for NNX, in place (see :func:`jaxnorm.nnx.recompute_batch_stats`):
+    every ``layer_type`` layer in ``model`` gets the exact population statistics."""
+    found = [(path, layer) for path, layer in nnx.iter_modules(model)
+             if isinstance(layer, layer_type)]
+    if not found:
+        raise ValueError("recompute_batch_stats found no jaxnorm.nnx BatchNorm in the model")
+    paths, layers = zip(*found, strict=True)
+    modes = [layer.use_running_average for layer in layers]
+    try:
+        for layer in layers:
+            layer.use_running_average, layer.report_batch_moments = False, True
+        pools, num_batches = _pool_nnx_moments(model, paths, layers, batches)
+    finally:
+        for layer, mode in zip(layers, modes, strict=True):
+            layer.use_running_average, layer.report_batch_moments = mode, False
+    if not num_batches:
+        raise ValueError("recompute_batch_stats needs at least one batch")
+    for layer, pool in zip(layers, pools, strict=True):
+        layer.mean[...] = jnp.asarray(pool.mean, layer.mean.dtype)
+        layer.var[...] = jnp.asarray(pool.variance(layer.unbiased_running_var), layer.var.dtype)
+        if layer.count is not None:
+            layer.count[...] = jnp.asarray(num_batches, layer.count.dtype)
+    return model

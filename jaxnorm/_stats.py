@@ -205,48 +205,68 @@ def moments(
       ``(mean, var)`` with the population (biased) variance.
     """
     x = check_floating(x)
+    input_dtype = x.dtype
     axes = canonicalize_axes(axes, x.ndim, "axes")
     mask = broadcast_mask(mask, x.shape)
-    compute = statistics_dtype(x.dtype)
-
+    x = x.astype(statistics_dtype(x.dtype))
     if centered and not fast_variance:
         # Half-precision values summed in float32 are exact multiples (a constant set of up
         # to 2**13 float16 / 2**16 bfloat16 values has an exact sum), so their first-pass
         # mean is already exact for constant sets; only wider inputs need the refinement.
-        refine = jnp.dtype(x.dtype).itemsize >= 4
-        if axis_name is None:
-            mean, var, count = _local_moments(x.astype(compute), axes, mask, refine_mean=refine)
-        else:
-            # Each member's statistics of x - pivot (a shared data value), merged: the
-            # members' offsets from each other keep full precision, and a constant input
-            # (pivot = the constant) stays exact.
-            x = x.astype(compute)
-            pivot = _agreed_pivot(x, axes, mask, axis_name, axis_index_groups)
-            mean, var, count = _local_moments(x - pivot, axes, mask)
-            mean, var = _combine_across(mean, var, count, axis_name, axis_index_groups)
-            mean = mean + pivot
+        refine = jnp.dtype(input_dtype).itemsize >= 4
+        mean, var = _stable_moments(x, axes, mask, axis_name, axis_index_groups, refine)
     elif centered and axis_name is None:
-        mean, var, _ = _local_moments(x.astype(compute), axes, mask, fast_variance=True)
+        mean, var, _ = _local_moments(x, axes, mask, fast_variance=True)
     else:
-        # E[x] and E[x²] summed (with psum across members): RMSNorm's statistic, and
-        # Flax's fast variance.
-        x = x.astype(compute)
-        weighted = x if mask is None else jnp.where(mask, x, 0)
-        count = element_count(x.shape, axes, mask, compute)
-        first = jnp.sum(weighted, axis=axes, keepdims=True)
-        second = jnp.sum(weighted * x, axis=axes, keepdims=True)
-        if axis_name is not None:
-            count, first, second = lax.psum(
-                (count, first, second), axis_name, axis_index_groups=axis_index_groups
-            )
-        safe_count = jnp.maximum(count, 1)
-        if centered:
-            mean = first / safe_count
-            var = jnp.maximum(second / safe_count - mean * mean, 0)
-        else:
-            mean = jnp.zeros_like(second)
-            var = second / safe_count
+        mean, var = _summed_moments(x, axes, mask, axis_name, axis_index_groups, centered)
     if not keepdims:
         mean = jnp.squeeze(mean, axes)
         var = jnp.squeeze(var, axes)
     return mean, var
+
+
+def _stable_moments(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None,
+    axis_name: Any,
+    axis_index_groups: Any,
+    refine_mean: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """Two-pass-accurate moments (keepdims); across ``axis_name``, each member's statistics
+    of ``x - pivot`` (a shared data value) merged with Chan's formula: the members' offsets
+    from each other keep full precision, and a constant input (pivot = the constant) stays
+    exact."""
+    if axis_name is None:
+        mean, var, _ = _local_moments(x, axes, mask, refine_mean=refine_mean)
+        return mean, var
+    pivot = _agreed_pivot(x, axes, mask, axis_name, axis_index_groups)
+    mean, var, count = _local_moments(x - pivot, axes, mask)
+    mean, var = _combine_across(mean, var, count, axis_name, axis_index_groups)
+    return mean + pivot, var
+
+
+def _summed_moments(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None,
+    axis_name: Any,
+    axis_index_groups: Any,
+    centered: bool,
+) -> tuple[jax.Array, jax.Array]:
+    r""":math:`E[x]` and :math:`E[x^2]` summed (with one ``psum`` across members), keepdims:
+    RMSNorm's statistic (``centered=False``: mean 0, var :math:`E[x^2]`) and Flax's fast
+    variance :math:`E[x^2] - \mu^2`."""
+    weighted = x if mask is None else jnp.where(mask, x, 0)
+    count = element_count(x.shape, axes, mask, x.dtype)
+    first = jnp.sum(weighted, axis=axes, keepdims=True)
+    second = jnp.sum(weighted * x, axis=axes, keepdims=True)
+    if axis_name is not None:
+        count, first, second = lax.psum(
+            (count, first, second), axis_name, axis_index_groups=axis_index_groups
+        )
+    safe_count = jnp.maximum(count, 1)
+    if not centered:
+        return jnp.zeros_like(second), second / safe_count
+    mean = first / safe_count
+    return mean, jnp.maximum(second / safe_count - mean * mean, 0)

@@ -1,0 +1,195 @@
+r"""Normalization with its statistics, and its closed-form derivative.
+
+The hot path of every variant: :math:`\mu, \sigma^2` from :func:`jaxnorm.moments`, then
+:math:`y = \hat x \gamma + \beta` with :math:`\hat x = (x - \mu)\,r`,
+:math:`r = (\sigma^2 + \epsilon)^{-1/2}`. Differentiating that graph op by op would carry
+the derivative through the branches and shifts of the stable statistics; instead a
+``custom_jvp`` states the linearization in closed form (Ioffe & Szegedy 2015, section 3),
+per reduction set :math:`S` of :math:`n` unmasked elements (weights :math:`w`):
+
+.. math::
+    \dot{\hat x} = r\,(\dot x - m_1 - \hat x\, m_2),\quad
+    m_1 = \tfrac1n\textstyle\sum_S w\dot x,\quad m_2 = \tfrac1n\sum_S w\hat x\dot x,
+    \qquad \dot\mu = m_1,\quad \dot{\sigma^2} = 2 m_2 / r,
+
+(:math:`m_1 = 0` without centring). JAX transposes it for reverse mode, which gives the
+textbook backward :math:`\bar x = r\gamma\bar y - \frac{w}{n}(\sum r\gamma\bar y + \hat x
+\sum r\gamma\bar y\hat x)`; being a JVP it also serves forward mode (``jvp``,
+``jacfwd``, ``hessian``), and it is plain ``jax.numpy``, so every order differentiates.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxnorm._affine import NormSpec, compute_dtype, standardize
+from jaxnorm._stats import element_count, moments
+
+Array = jax.Array
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def normalize_with_statistics(
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    mask: Array | None,
+    spec: NormSpec,
+) -> tuple[Array, Array, Array]:
+    r"""``(y, mean, var)``: ``x`` normalized over ``spec.reduction`` with its own statistics.
+
+    Args:
+      x: floating input.
+      scale: :math:`\gamma` broadcastable to ``x``, or None.
+      bias: :math:`\beta` broadcastable to ``x``, or None.
+      mask: boolean of ``x``'s shape, or None.
+      spec: the static settings; ``spec.fast_variance`` changes the statistics, not the
+        derivative.
+
+    Returns:
+      ``y`` in ``spec.dtype``; ``mean``/``var`` keep the reduced axes, at least float32.
+    """
+    return _forward(x, scale, bias, mask, spec)[0]
+
+
+def _forward(
+    x: Array, scale: Array | None, bias: Array | None, mask: Array | None, spec: NormSpec
+) -> tuple[tuple[Array, Array, Array], Array]:
+    r"""The outputs and :math:`r = (\sigma^2 + \epsilon)^{-1/2}` (for the tangent)."""
+    mean, var = moments(
+        x,
+        spec.reduction,
+        mask=mask,
+        keepdims=True,
+        centered=spec.centered,
+        fast_variance=spec.fast_variance,
+    )
+    compute = compute_dtype(x.dtype, spec.dtype)
+    rstd = lax.rsqrt(var.astype(compute) + jnp.asarray(spec.eps, compute))
+    multiplier = rstd if scale is None else rstd * scale.astype(compute)
+    y = standardize(x, mean if spec.centered else None, multiplier, bias, spec.dtype)
+    return (y, mean, var), rstd
+
+
+class _Linearization(NamedTuple):
+    """What every form of the tangent needs: the primal pieces and the input tangent."""
+
+    x: Array
+    scale: Array | None
+    mean: Array
+    rstd: Array
+    count: Array
+    dx: Array
+    dx_counted: Array  # dx with masked positions zeroed, in the compute dtype
+
+
+def _tangent(
+    spec: NormSpec, primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[tuple[Array, Array, Array], tuple[Array, Array, Array]]:
+    r"""The closed-form linearization (module docstring), in one of two arrangements
+    chosen so that its transpose is cheap: :func:`_tangent_per_set` when the parameters
+    are constant over each reduction set (BatchNorm, InstanceNorm, GroupNorm),
+    :func:`_tangent_per_element` when they vary along every reduction axis (LayerNorm,
+    RMSNorm)."""
+    x, scale, bias, mask = primals
+    dx, dscale, dbias, _ = tangents
+    (y, mean, var), rstd = _forward(x, scale, bias, mask, spec)
+    compute = rstd.dtype
+    count = jnp.maximum(element_count(x.shape, spec.reduction, mask, compute), 1)
+    dx_counted = dx.astype(compute) if mask is None else jnp.where(mask, dx, 0).astype(compute)
+    lin = _Linearization(x, scale, mean, rstd, count, dx, dx_counted)
+    dscale = None if scale is None else _as_compute(dscale, compute)
+    dbias = None if bias is None else _as_compute(dbias, compute)
+    parameter = scale if scale is not None else bias
+    if parameter is not None and all(parameter.shape[a] != 1 for a in spec.reduction):
+        dy, dmean, dvar = _tangent_per_element(lin, dscale, dbias, spec)
+    else:
+        dy, dmean, dvar = _tangent_per_set(lin, dscale, dbias, spec)
+    return (y, mean, var), (dy.astype(spec.dtype), dmean.astype(mean.dtype),
+                            dvar.astype(var.dtype))
+
+
+def _tangent_per_set(
+    lin: _Linearization, dscale: Array | None, dbias: Array | None, spec: NormSpec
+) -> tuple[Array, Array, Array]:
+    r"""With :math:`m_1 = \frac1n\sum_S w\,\dot x`, :math:`m_2 = \frac1n\sum_S w\,\hat
+    x\,\dot x` and :math:`a = r\gamma`: :math:`\dot y = a\,\dot x + \hat x\,(\dot\gamma
+    - a m_2) + (\dot\beta - a m_1)`, :math:`\dot\mu = m_1`, :math:`\dot{\sigma^2} = 2 m_2
+    / r`. The bracketed coefficients live on the small shape of statistics and parameters
+    together, so the transpose (reverse mode) reads ``x`` and the cotangent in just two
+    sums, :math:`\sum \bar y\hat x` and :math:`\sum \bar y`, shared by the parameter
+    gradients and the gradient through the statistics."""
+    compute = lin.rstd.dtype
+    x_c = lin.x.astype(compute)
+    x_hat = (x_c - lin.mean.astype(compute) if spec.centered else x_c) * lin.rstd
+    m2 = jnp.sum(x_hat * lin.dx_counted, axis=spec.reduction, keepdims=True) / lin.count
+    a = lin.rstd if lin.scale is None else lin.rstd * lin.scale.astype(compute)
+    slope = -a * m2 if dscale is None else dscale - a * m2
+    dy = a * lin.dx.astype(compute) + x_hat * slope
+    if spec.centered:
+        m1 = jnp.sum(lin.dx_counted, axis=spec.reduction, keepdims=True) / lin.count
+        offset = -a * m1 if dbias is None else dbias - a * m1
+    else:
+        m1, offset = jnp.zeros_like(lin.mean), dbias
+    if offset is not None:
+        dy = dy + offset
+    return dy, m1, 2 * m2 / lin.rstd
+
+
+def _tangent_per_element(
+    lin: _Linearization, dscale: Array | None, dbias: Array | None, spec: NormSpec
+) -> tuple[Array, Array, Array]:
+    r"""The same linearization when the parameters vary along every reduction axis
+    (LayerNorm, RMSNorm): there the coefficients would be full-size, so the tangent is
+    formed term by term, :math:`\dot y = a\dot x - a\,(m_1 + \hat x\, m_2) + \hat x
+    \dot\gamma + \dot\beta` with :math:`a = r\gamma`.
+
+    XLA:CPU stores any full-size value that several fusions share (``x - mu``, the
+    broadcasts of ``r`` and ``gamma``) as an array of its own. Each group of consumers
+    therefore gets its own barrier-separated view of ``(x, mu, r, gamma)``: in the
+    transpose (reverse mode) every fusion recomputes :math:`\hat x` from ``x`` while it
+    streams it (LayerNorm forward+backward measured ~1.5x faster, RMSNorm ~1.2x).
+    """
+    compute = lin.rstd.dtype
+    views = lax.optimization_barrier(((lin.x, lin.mean, lin.rstd, lin.scale),) * 3)
+
+    def centred_and_slope(view: tuple[Any, ...]) -> tuple[Array, Array, Array]:
+        x_view, mean_view, rstd_view, scale_view = view
+        centred_x = x_view.astype(compute)
+        if spec.centered:
+            centred_x = centred_x - mean_view.astype(compute)
+        slope = rstd_view if scale_view is None else rstd_view * scale_view.astype(compute)
+        return centred_x, rstd_view, slope
+
+    # dx and the sum for the variance's tangent (one sweep in the transpose).
+    centred_x, _, slope = centred_and_slope(views[0])
+    reduction = spec.reduction
+    dvar = 2 * jnp.sum(centred_x * lin.dx_counted, axis=reduction, keepdims=True) / lin.count
+    dy = slope * lin.dx.astype(compute)
+    # The terms through the statistics (the two row sums of the transpose).
+    centred_x, rstd_view, slope = centred_and_slope(views[1])
+    dy = dy - (0.5 * rstd_view * rstd_view * dvar) * (centred_x * slope)
+    dmean = jnp.zeros_like(lin.mean)
+    if spec.centered:
+        dmean = jnp.sum(lin.dx_counted, axis=reduction, keepdims=True) / lin.count
+        dy = dy - slope * dmean
+    # The parameters' terms (their column sums in the transpose).
+    if dscale is not None:
+        centred_x, rstd_view, _ = centred_and_slope(views[2])
+        dy = dy + (centred_x * rstd_view) * dscale
+    if dbias is not None:
+        dy = dy + dbias
+    return dy, dmean, dvar
+
+
+def _as_compute(tangent: Any, compute: Any) -> Array:
+    """A tangent in the compute dtype (symbolic zeros arrive instantiated)."""
+    return jnp.asarray(tangent).astype(compute)
+
+
+normalize_with_statistics.defjvp(_tangent)

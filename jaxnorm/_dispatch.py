@@ -1,0 +1,69 @@
+r"""The one dispatcher: every normalization in jaxnorm ends in :func:`normalize_over`.
+
+It chooses the path: the closed-form derivative of :mod:`jaxnorm._derivative` when the
+statistics are ``x``'s own and local (the hot path), otherwise :func:`jaxnorm.moments`
+(across devices, or with a traced ``eps``) or the caller's statistics, differentiated op
+by op; both end in the affine of :mod:`jaxnorm._affine`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from jaxnorm._affine import NormSpec, compute_dtype, scaled_rstd, standardize
+from jaxnorm._derivative import normalize_with_statistics
+from jaxnorm._stats import moments
+
+Array = jax.Array
+
+
+def normalize_over(
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    spec: NormSpec,
+    *,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    eps: Any = None,
+    mean: Array | None = None,
+    var: Array | None = None,
+) -> tuple[Array, Array, Array]:
+    r"""``(y, mean, var)``: ``x`` normalized over ``spec.reduction``.
+
+    Args:
+      x: floating input.
+      scale: :math:`\gamma` broadcastable to ``x``, or None.
+      bias: :math:`\beta` broadcastable to ``x``, or None.
+      spec: the static settings (:class:`NormSpec`).
+      mask: boolean of ``x``'s shape, or None.
+      axis_name: combine the statistics across this mapped axis.
+      axis_index_groups: groups within ``axis_name``.
+      eps: a traced :math:`\epsilon` (overrides ``spec.eps``; takes the plain path).
+      mean: given statistics (keepdims, with ``var``): no statistics are computed.
+      var: given variance, with ``mean``.
+
+    Returns:
+      ``y`` in ``spec.dtype``; ``mean``/``var`` keep the reduced axes, at least float32.
+    """
+    if mean is None and axis_name is None and eps is None:
+        return normalize_with_statistics(x, scale, bias, mask, spec)
+    if mean is None:
+        mean, var = moments(
+            x,
+            spec.reduction,
+            mask=mask,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            keepdims=True,
+            centered=spec.centered,
+            fast_variance=spec.fast_variance,
+        )
+    eps = spec.eps if eps is None else eps
+    compute = compute_dtype(x.dtype, spec.dtype)
+    multiplier = scaled_rstd(var, scale, eps, compute)
+    y = standardize(x, mean if spec.centered else None, multiplier, bias, spec.dtype)
+    return y, mean, var
