@@ -31,6 +31,7 @@ from flax.typing import Dtype, Initializer
 
 import jaxnorm
 from jaxnorm._axes import Axes, as_floating, canonicalize_axes, canonicalize_axis, feature_shape
+from jaxnorm._linen_weight import SpectralNorm, WeightNorm, WeightStandardization
 from jaxnorm._precise import record_linen_moments
 
 __all__ = [
@@ -43,6 +44,9 @@ __all__ = [
     "LayerNorm",
     "LocalResponseNorm",
     "RMSNorm",
+    "SpectralNorm",
+    "WeightNorm",
+    "WeightStandardization",
 ]
 
 _zeros = nn.initializers.zeros

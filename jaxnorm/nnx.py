@@ -27,6 +27,7 @@ from flax.typing import Dtype, Initializer
 import jaxnorm
 from jaxnorm._axes import Axes, as_floating
 from jaxnorm._group_norm import resolve_num_groups
+from jaxnorm._nnx_weight import SpectralNorm, WeightNorm, WeightStandardization
 from jaxnorm._precise import recompute_nnx_batch_stats
 
 __all__ = [
@@ -39,6 +40,9 @@ __all__ = [
     "LayerNorm",
     "LocalResponseNorm",
     "RMSNorm",
+    "SpectralNorm",
+    "WeightNorm",
+    "WeightStandardization",
     "recompute_batch_stats",
 ]
 

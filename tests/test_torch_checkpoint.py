@@ -14,9 +14,9 @@ from flax import nnx
 import jaxnorm
 import jaxnorm.linen as jl
 import jaxnorm.nnx as jn
-from jaxnorm._linen_weight import SpectralNorm, WeightNorm
-from jaxnorm._nnx_weight import SpectralNorm as NnxSpectralNorm
-from jaxnorm._nnx_weight import WeightNorm as NnxWeightNorm
+from jaxnorm.linen import SpectralNorm, WeightNorm
+from jaxnorm.nnx import SpectralNorm as NnxSpectralNorm
+from jaxnorm.nnx import WeightNorm as NnxWeightNorm
 
 torch = pytest.importorskip("torch")
 parametrizations = torch.nn.utils.parametrizations

@@ -16,10 +16,10 @@ import pytest
 from flax import nnx
 
 import jaxnorm
-from jaxnorm._linen_weight import SpectralNorm, WeightNorm, WeightStandardization
-from jaxnorm._nnx_weight import SpectralNorm as NnxSpectralNorm
-from jaxnorm._nnx_weight import WeightNorm as NnxWeightNorm
-from jaxnorm._nnx_weight import WeightStandardization as NnxWeightStandardization
+from jaxnorm.linen import SpectralNorm, WeightNorm, WeightStandardization
+from jaxnorm.nnx import SpectralNorm as NnxSpectralNorm
+from jaxnorm.nnx import WeightNorm as NnxWeightNorm
+from jaxnorm.nnx import WeightStandardization as NnxWeightStandardization
 
 torch = pytest.importorskip("torch")
 parametrizations = torch.nn.utils.parametrizations
