@@ -16,6 +16,9 @@ with the same arguments, and reports from the optimized HLO:
   carry one; TPU ``hbm``: bytes that those instructions read from or write to HBM (memory
   space 0; VMEM-resident operands, ``S(1)`` in the layout, do not count), with the tiled
   (padded) layout sizes.
+- ``(cond)``: the part of a measure inside ``lax.cond`` branches (the costliest branch of
+  each); ``*_common`` ratios leave it out: the path a well-conditioned input takes when
+  the other branch is empty.
 - ``ideal``: one read of every input (x, variables, dy) and one write of every output
   (y, updated batch statistics, dx, dparams), at their logical sizes.
 
@@ -650,6 +653,10 @@ def worker(args: argparse.Namespace) -> None:
 MEASURES = {"gpu": ("bytes", "kernels", "launched"),
             "tpu": ("estimated_cycles", "hbm_bytes", "bytes", "kernels")}
 TRAFFIC = {"gpu": "bytes", "tpu": "hbm_bytes"}
+# Measures also compared on the common path: without what lax.cond branches would add (the
+# branches counted are the costliest; a well-conditioned input may take the empty one).
+COMMON_PATH = {"gpu": (("bytes", "cond_bytes"), ("kernels", "cond_kernels")),
+               "tpu": (("estimated_cycles", "cond_cycles"), ("hbm_bytes", "cond_bytes"))}
 # The ideal: logical sizes on GPU; on TPU as stored (tiled), since HBM bytes are counted so.
 IDEAL = {"gpu": "ideal_bytes", "tpu": "ideal_stored_bytes"}
 MIB = 2.0**20
@@ -704,6 +711,10 @@ def pair_records(records: Iterable[dict]) -> list[dict]:
             row[f"jaxnorm_{measure}"], row[f"flax_{measure}"] = ours[measure], theirs[measure]
             if ours[measure] and theirs[measure]:
                 row[f"ratio_{measure}"] = round(ours[measure] / theirs[measure], 4)
+        for measure, part in COMMON_PATH[family]:
+            common = [r[measure] - r.get(part, 0) for r in (ours, theirs)]
+            if all(common):
+                row[f"ratio_{measure}_common"] = round(common[0] / common[1], 4)
         ideal = IDEAL[family]
         row["ideal_stored_bytes"] = ours.get("ideal_stored_bytes")
         for impl, record in (("jaxnorm", ours), ("flax", theirs)):
@@ -725,7 +736,9 @@ def summarize(rows: Sequence[dict]) -> dict[str, dict]:
     for target in dict.fromkeys(r["target"] for r in rows):
         mine = [r for r in rows if r["target"] == target]
         entry: dict[str, Any] = {}
-        keys = [f"ratio_{m}" for m in MEASURES[family_of(target)]]
+        family = family_of(target)
+        keys = [f"ratio_{m}" for m in MEASURES[family]]
+        keys += [f"ratio_{m}_common" for m, _ in COMMON_PATH[family]]
         for key in [*keys, "jaxnorm_over_ideal", "flax_over_ideal"]:
             having = [r for r in mine if r.get(key)]
             if not having:
