@@ -66,13 +66,53 @@ def test_every_example_file_belongs_to_a_public_name() -> None:
     assert not orphans, f"examples of names that are not public (renamed?): {orphans}"
 
 
+NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
+
+
+class WrittenPrecisionChecker(doctest.OutputChecker):
+    """Also accepts output whose numbers match the expected ones to the precision written
+    there (pytest's ``NUMBER`` option): ``0.1`` matches the float32 ``0.10000000149011612``,
+    ``0.8485`` matches ``0.8484999537467957``; the text around the numbers must agree."""
+
+    def check_output(self, want: str, got: str, optionflags: int) -> bool:
+        if super().check_output(want, got, optionflags):
+            return True
+        wanted, gotten = NUMBER.findall(want), NUMBER.findall(got)
+        if len(wanted) != len(gotten):
+            return False
+        if " ".join(NUMBER.sub("#", want).split()) != " ".join(NUMBER.sub("#", got).split()):
+            return False
+        return all(_agrees(w, g) for w, g in zip(wanted, gotten, strict=True))
+
+
+def _agrees(written: str, value: str) -> bool:
+    mantissa = written.lower().split("e")[0]
+    if "." not in mantissa:
+        return float(written) == float(value)
+    decimals = len(mantissa.split(".")[1])
+    scale = 10.0 ** int(written.lower().split("e")[1]) if "e" in written.lower() else 1.0
+    return abs(float(value) - float(written)) <= 0.5 * 10.0**-decimals * scale * (1 + 1e-9)
+
+
 def run_doctests(text: str, name: str) -> None:
-    parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(optionflags=DOCTEST_FLAGS)
+    parser = doctest.DocTestParser()
+    runner = doctest.DocTestRunner(checker=WrittenPrecisionChecker(), optionflags=DOCTEST_FLAGS)
     test = parser.get_doctest(text, {"__name__": f"doc_{name}"}, name, name, 0)
     assert test.examples, f"{name}: no >>> examples"
     output: list[str] = []
     result = runner.run(test, out=output.append)
     assert result.failed == 0, "".join(output)
+
+
+def test_doctest_numbers_match_to_the_written_precision() -> None:
+    check = WrittenPrecisionChecker().check_output
+    assert check("[[0.8485, 1.1314]]\n", "[[0.8484999537467957, 1.1313999891281128]]\n", 0)
+    assert check("0.1\n", "0.10000000149011612\n", 0)
+    assert check("1.5e-3\n", "0.00150004\n", 0)
+    assert not check("0.1\n", "0.2\n", 0)  # off in the written digit
+    assert not check("0.8485\n", "0.8487\n", 0)
+    assert not check("[0.1, 2]\n", "[0.1, 3]\n", 0)  # integers exactly
+    assert not check("(0.1, 'a')\n", "(0.1, 'b')\n", 0)  # the text around must agree
 
 
 @pytest.mark.parametrize(("name", "value"), PUBLIC_NAMES, ids=[n for n, _ in PUBLIC_NAMES])

@@ -10,8 +10,9 @@
   (a few seconds on a CPU), so the numerics guide shows the current code's errors.
 * A qualified docstring section header (``Attributes beyond Flax's:``) is rendered as the
   bare napoleon section (``Attributes:``), as ``public_api`` reads it.
-* Flax Linen modules get a signature of their fields without Flax's ``parent``/``name``,
-  with defaults written as names (``zeros``, ``float32``) instead of reprs with addresses.
+* Class signatures: a Flax Linen module shows its fields without Flax's ``parent``/``name``,
+  with defaults written as names (``zeros``, ``float32``) instead of reprs with addresses;
+  a Flax NNX module (whose metaclass shows ``(*args, **kwargs)``) its ``__init__``.
 
 Generated files are rewritten only when their text changes, so incremental builds stay
 incremental. ``api/`` and ``_generated/`` are build products (``docs/.gitignore``).
@@ -19,11 +20,13 @@ incremental. ``api/`` and ``_generated/`` are build products (``docs/.gitignore`
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -208,15 +211,52 @@ def _default_text(value: Any) -> str:
     return repr(value)
 
 
-def _linen_signature(
-    app: Sphinx, what: str, name: str, obj: Any, options: Any, signature: str | None,
-    return_annotation: str | None,
-) -> tuple[str, str | None] | None:
-    """The signature of a Linen module: its fields without ``parent``/``name``."""
-    import flax.linen as nn
+class _Source:
+    """A default value or annotation shown as its source text."""
 
-    if what != "class" or not (inspect.isclass(obj) and issubclass(obj, nn.Module)):
-        return None
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _source_defaults(function: Any) -> dict[str, str]:
+    """The source text of each default of ``function`` (``zeros``, not a function repr)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(function))
+    except (OSError, TypeError):
+        return {}
+    definition = ast.parse(source).body[0]
+    if not isinstance(definition, ast.FunctionDef | ast.AsyncFunctionDef):
+        return {}
+    arguments = definition.args
+    positional = [*arguments.posonlyargs, *arguments.args]
+    nodes = dict(zip([a.arg for a in positional[len(positional) - len(arguments.defaults):]],
+                     arguments.defaults, strict=True))
+    nodes |= {a.arg: d for a, d in zip(arguments.kwonlyargs, arguments.kw_defaults, strict=True)
+              if d is not None}
+    return {name: ast.get_source_segment(source, node) or "..." for name, node in nodes.items()}
+
+
+def _init_signature(init: Any) -> str:
+    """``init``'s signature without ``self``, defaults and annotations as written."""
+    signature = inspect.signature(init)
+    defaults = _source_defaults(init)
+    parameters = []
+    for parameter in list(signature.parameters.values())[1:]:
+        if parameter.default is not parameter.empty:
+            parameter = parameter.replace(
+                default=_Source(defaults.get(parameter.name, repr(parameter.default)))
+            )
+        if isinstance(parameter.annotation, str):
+            parameter = parameter.replace(annotation=_Source(parameter.annotation))
+        parameters.append(parameter)
+    return str(signature.replace(parameters=parameters, return_annotation=signature.empty))
+
+
+def _linen_signature(app: Sphinx, obj: Any) -> str:
+    """A Linen module's fields without Flax's ``parent``/``name``."""
     parameters = []
     for field in dataclasses.fields(obj):
         if field.name in FLAX_MODULE_FIELDS:
@@ -225,7 +265,27 @@ def _linen_signature(
         if field.default is not dataclasses.MISSING:
             text += f" = {_default_text(field.default)}"
         parameters.append(text)
-    return f"({', '.join(parameters)})", return_annotation
+    return f"({', '.join(parameters)})"
+
+
+def _class_signature(
+    app: Sphinx, what: str, name: str, obj: Any, options: Any, signature: str | None,
+    return_annotation: str | None,
+) -> tuple[str, str | None] | None:
+    """Constructor signatures: a Linen module's fields; for another jaxnorm class with
+    its own ``__init__`` (Flax NNX modules, whose metaclass hides it behind
+    ``(*args, **kwargs)``), that ``__init__``'s parameters."""
+    import flax.linen as nn
+
+    if what != "class" or not inspect.isclass(obj):
+        return None
+    if issubclass(obj, nn.Module):
+        return _linen_signature(app, obj), return_annotation
+    init = next((base.__dict__["__init__"] for base in obj.__mro__
+                 if "__init__" in base.__dict__), None)
+    if init is None or not getattr(init, "__module__", "").startswith("jaxnorm"):
+        return None
+    return _init_signature(init), return_annotation
 
 
 def _bare_section_headers(
@@ -247,6 +307,6 @@ def _generate(app: Sphinx) -> None:
 
 def setup(app: Sphinx) -> dict[str, Any]:
     app.connect("builder-inited", _generate)
-    app.connect("autodoc-process-signature", _linen_signature)
+    app.connect("autodoc-process-signature", _class_signature)
     app.connect("autodoc-process-docstring", _bare_section_headers, priority=400)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
