@@ -399,8 +399,8 @@ def train(
 def plot_curves(
     results: Sequence[TextRunResult], unigram_bpc: float, seq_len: int, path: Path
 ) -> None:
-    """Validation bpc per step for every model, and bpc against evaluation length for the
-    LSTMs, with the unigram baseline, as a PNG."""
+    """Validation bpc per step for every model with the unigram baseline, and bpc against
+    evaluation length for the LSTMs, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -416,15 +416,18 @@ def plot_curves(
                 lengths, [result.bpc_by_length[n] for n in lengths], marker="o",
                 label=f"{result.model}/{result.norm}",
             )
+    curve_axes.axhline(unigram_bpc, color="gray", linestyle="--", label="unigram")
+    length_axes.axvline(seq_len, color="black", linewidth=0.8, label="training length")
+    lengths = sorted({n for result in results for n in result.bpc_by_length})
+    length_axes.set_xscale("log", base=2)
+    length_axes.set_xticks(lengths, [str(n) for n in lengths])
     for axes in (curve_axes, length_axes):
-        axes.axhline(unigram_bpc, color="gray", linestyle="--", label="unigram")
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
     curve_axes.set(xlabel="training step", ylabel="validation bits per character",
                    title=f"Validation bpc (length {seq_len})")
-    length_axes.axvline(seq_len, color="black", linewidth=0.8)
     length_axes.set(xlabel="evaluation length (characters)", ylabel="validation bpc",
-                    xscale="log", title=f"LSTMs trained on length {seq_len}")
+                    title=f"LSTMs trained on length {seq_len}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
