@@ -66,9 +66,12 @@ def standardize(
     multiplier: Array,
     bias: Array | None,
     dtype: Any,
+    counted: Array | None = None,
 ) -> Array:
     r""":math:`y = (x - \mu)\,m + \beta` in ``multiplier``'s dtype, returned in ``dtype``;
-    ``mean=None`` skips centring, ``bias=None`` the shift."""
+    ``mean=None`` skips centring, ``bias=None`` the shift. Where ``counted`` (keepdims,
+    boolean) is False the set had no counted element and ``y`` is exactly :math:`\beta`
+    (0 without bias), whatever ``x`` holds there."""
     compute = multiplier.dtype
     y = x.astype(compute)
     if mean is not None:
@@ -76,6 +79,8 @@ def standardize(
     y = y * multiplier
     if bias is not None:
         y = y + bias.astype(compute)
+    if counted is not None:
+        y = jnp.where(counted, y, jnp.zeros((), compute) if bias is None else bias.astype(compute))
     return y.astype(dtype)
 
 

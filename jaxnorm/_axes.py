@@ -55,9 +55,12 @@ def complement_axes(ndim: int, *excluded: Sequence[int]) -> tuple[int, ...]:
     return tuple(a for a in range(ndim) if a not in skip)
 
 
-def check_floating(x: Any, name: str = "x") -> jax.Array:
-    """Returns ``x`` as an array; raises ``TypeError`` unless its dtype is floating."""
+def check_floating(x: Any, name: str = "x", allow_complex: bool = False) -> jax.Array:
+    """Returns ``x`` as an array; raises ``TypeError`` unless its dtype is floating (or
+    complex, with ``allow_complex``)."""
     x = jnp.asarray(x)
+    if allow_complex and jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return x
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
     return x
@@ -89,6 +92,30 @@ def check_eps(eps: Any, name: str = "eps") -> None:
         raise ValueError(f"{name} must be a scalar, got an array of shape {value.shape}")
     if not value >= 0:  # also rejects NaN
         raise ValueError(f"{name} must be a non-negative number, got {eps!r}")
+
+
+def _concrete(value: Any) -> bool:
+    return not isinstance(value, jax.core.Tracer) and np.ndim(value) == 0
+
+
+def check_momentum(momentum: Any) -> None:
+    """Raises ``ValueError`` unless ``momentum`` is None or a number in ``[0, 1]`` (traced
+    values, e.g. schedules, pass unchecked)."""
+    if momentum is None or not _concrete(momentum):
+        return
+    if isinstance(momentum, (str, bytes, bool)) or not 0 <= float(momentum) <= 1:
+        raise ValueError(
+            f"momentum must lie in [0, 1] (the weight of the old running average; PyTorch's "
+            f"momentum m is 1 - m here) or be None, got {momentum!r}"
+        )
+
+
+def check_renorm_limits(r_max: Any, d_max: Any) -> None:
+    """Raises ``ValueError`` unless ``r_max >= 1`` and ``d_max >= 0`` (traced values pass)."""
+    if _concrete(r_max) and not float(r_max) >= 1:
+        raise ValueError(f"r_max must be at least 1 (1 disables the r correction), got {r_max!r}")
+    if _concrete(d_max) and not float(d_max) >= 0:
+        raise ValueError(f"d_max must be at least 0 (0 disables the d correction), got {d_max!r}")
 
 
 def check_shape(value: Any, expected: tuple[int, ...], name: str) -> jax.Array | None:

@@ -38,7 +38,7 @@ from jaxnorm._axes import (
 from jaxnorm._dispatch import normalize_over
 from jaxnorm._normalize import feature_parameters, static_eps
 from jaxnorm._running import BatchMoments
-from jaxnorm._stats import element_count, moments
+from jaxnorm._stats import moments_and_count
 
 Array = jax.Array
 
@@ -86,14 +86,14 @@ def _group(
 
 
 def _renorm_parameters(
-    renorm: Renorm, mean: Array, var: Array, scale: Array | None, bias: Array | None,
-    eps: Any,
+    renorm: Renorm, mean: Array, var: Array, count: Array, scale: Array | None,
+    bias: Array | None, eps: Any,
 ) -> tuple[Array, Array]:
     r"""The scale :math:`\gamma r` and bias :math:`\beta + \gamma d` that turn plain
     normalization into batch renormalization; arguments broadcast together."""
     running_std = jnp.sqrt(renorm.running_var.astype(var.dtype) + eps)
     r = jnp.clip(jnp.sqrt(var + eps) / running_std, 1 / renorm.r_max, renorm.r_max)
-    d = (mean - renorm.running_mean.astype(mean.dtype)) / running_std
+    d = jnp.where(count > 0, (mean - renorm.running_mean.astype(mean.dtype)) / running_std, 0)
     r, d = lax.stop_gradient(r), lax.stop_gradient(jnp.clip(d, -renorm.d_max, renorm.d_max))
     gamma = r if scale is None else scale * r
     beta = d if scale is None else scale * d
@@ -133,17 +133,13 @@ def _check_spread(grouping: _Grouping, synced: bool, x: Array, axis: Any,
 
 
 def _batch_moments(
-    grouping: _Grouping, mean: Array, var: Array, axis_name: Any, axis_index_groups: Any,
-    ghost: bool,
+    grouping: _Grouping, mean: Array, var: Array, count: Array, axis_name: Any,
+    axis_index_groups: Any, ghost: bool,
 ) -> BatchMoments:
-    """Feature-shaped batch moments with the element count over every device."""
-    kept = mean.shape
-    count = jnp.broadcast_to(
-        element_count(grouping.x.shape, grouping.reduction, grouping.mask, jnp.float32), kept
-    )
-    if axis_name is not None and not ghost:
-        count = lax.psum(count, axis_name, axis_index_groups=axis_index_groups)
+    """Feature-shaped batch moments with the element count over every device (``count``
+    already summed across ``axis_name`` unless the statistics are per ghost batch)."""
     shape = feature_shape(grouping.x.shape, grouping.features)
+    count = jnp.broadcast_to(count, mean.shape).astype(mean.real.dtype)
     mean, var, count = (v.reshape(shape) for v in (mean, var, count))
     if ghost:
         return _pooled_moments(mean, var, count, axis_name, axis_index_groups)
@@ -191,7 +187,7 @@ def batch_norm(
       >>> float(mean[0]), float(var[0])
       (2.0, 1.0)
     """
-    x = check_floating(x)
+    x = check_floating(x, allow_complex=True)
     features = canonicalize_axes(axis, x.ndim, "axis")
     spec_eps, traced_eps = static_eps(eps)
     scale, bias = feature_parameters(x, scale, bias, features)
@@ -203,10 +199,11 @@ def batch_norm(
     if not allow_single_value:
         _check_spread(grouping, stats_axis is not None, x, axis, virtual_batch_size)
     spec = NormSpec(grouping.reduction, spec_eps, spec_dtype, True, fast_variance)
-    y, mean, var = _normalize_groups(
-        grouping, scale, bias, spec, _expanded_renorm(renorm, x, features), stats_axis, axis_index_groups, traced_eps, ghost
+    y, mean, var, count = _normalize_groups(
+        grouping, scale, bias, spec, _expanded_renorm(renorm, x, features), stats_axis,
+        axis_index_groups, traced_eps, ghost,
     )
-    moments = _batch_moments(grouping, mean, var, axis_name, axis_index_groups, ghost)
+    moments = _batch_moments(grouping, mean, var, count, axis_name, axis_index_groups, ghost)
     if return_moments:
         return y.reshape(x.shape), moments
     return y.reshape(x.shape), moments.mean, moments.var
@@ -216,7 +213,7 @@ def _normalize_groups(
     grouping: _Grouping, scale: Array | None, bias: Array | None, spec: NormSpec,
     renorm: Renorm | None, axis_name: Any, axis_index_groups: Any, traced_eps: Any,
     ghost: bool,
-) -> tuple[Array, Array, Array]:
+) -> tuple[Array, Array, Array, Array]:
     """Normalizes the (grouped) batch: the dispatcher does plain BatchNorm; renormalization
     first takes the statistics, then corrects the parameters with them. Feature-shaped
     arrays arrive broadcastable to the ungrouped ``x``."""
@@ -230,14 +227,16 @@ def _normalize_groups(
                   "axis_index_groups": axis_index_groups, "eps": traced_eps}
     if renorm is None:
         return normalize_over(grouping.x, scale, bias, spec, **kwargs)
-    mean, var = moments(grouping.x, spec.reduction, mask=grouping.mask, axis_name=axis_name,
-                        axis_index_groups=axis_index_groups, keepdims=True,
-                        fast_variance=spec.fast_variance)
+    mean, var, count = moments_and_count(
+        grouping.x, spec.reduction, mask=grouping.mask, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, fast_variance=spec.fast_variance,
+    )
     renorm = renorm._replace(running_mean=grouped(renorm.running_mean),
                              running_var=grouped(renorm.running_var))
     eps = spec.eps if traced_eps is None else traced_eps
-    scale, bias = _renorm_parameters(renorm, mean, var, scale, bias, eps)
-    return normalize_over(grouping.x, scale, bias, spec, mean=mean, var=var, **kwargs)
+    scale, bias = _renorm_parameters(renorm, mean, var, count, scale, bias, eps)
+    return normalize_over(grouping.x, scale, bias, spec, mean=mean, var=var, count=count,
+                          **kwargs)
 
 
 def _expanded_renorm(renorm: Renorm | None, x: Array, features: tuple[int, ...]) -> Any:
@@ -285,7 +284,7 @@ def batch_norm_inference(
       >>> float(y[0, 0])
       1.0
     """
-    x = check_floating(x)
+    x = check_floating(x, allow_complex=True)
     features = canonicalize_axes(axis, x.ndim, "axis")
     static_eps(eps)
     shape = feature_shape(x.shape, features)

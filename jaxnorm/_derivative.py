@@ -60,7 +60,8 @@ def normalize_with_statistics(
 def _forward(
     x: Array, scale: Array | None, bias: Array | None, mask: Array | None, spec: NormSpec
 ) -> tuple[tuple[Array, Array, Array], Array]:
-    r"""The outputs and :math:`r = (\sigma^2 + \epsilon)^{-1/2}` (for the tangent)."""
+    r"""The outputs and :math:`r = (\sigma^2 + \epsilon)^{-1/2}` (for the tangent); a set
+    with nothing counted gets :math:`r = 0` and outputs exactly ``bias``."""
     mean, var = moments(
         x,
         spec.reduction,
@@ -71,8 +72,12 @@ def _forward(
     )
     compute = compute_dtype(x.dtype, spec.dtype)
     rstd = lax.rsqrt(var.astype(compute) + jnp.asarray(spec.eps, compute))
+    counted = None
+    if mask is not None:
+        counted = element_count(x.shape, spec.reduction, mask, compute) > 0
+        rstd = jnp.where(counted, rstd, 0)
     multiplier = rstd if scale is None else rstd * scale.astype(compute)
-    y = standardize(x, mean if spec.centered else None, multiplier, bias, spec.dtype)
+    y = standardize(x, mean if spec.centered else None, multiplier, bias, spec.dtype, counted)
     return (y, mean, var), rstd
 
 
@@ -86,6 +91,7 @@ class _Linearization(NamedTuple):
     count: Array
     dx: Array
     dx_counted: Array  # dx with masked positions zeroed, in the compute dtype
+    mask: Array | None
 
 
 def _tangent(
@@ -102,7 +108,7 @@ def _tangent(
     compute = rstd.dtype
     count = jnp.maximum(element_count(x.shape, spec.reduction, mask, compute), 1)
     dx_counted = dx.astype(compute) if mask is None else jnp.where(mask, dx, 0).astype(compute)
-    lin = _Linearization(x, scale, mean, rstd, count, dx, dx_counted)
+    lin = _Linearization(x, scale, mean, rstd, count, dx, dx_counted, mask)
     dscale = None if scale is None else _as_compute(dscale, compute)
     dbias = None if bias is None else _as_compute(dbias, compute)
     parameter = scale if scale is not None else bias
@@ -127,7 +133,8 @@ def _tangent_per_set(
     compute = lin.rstd.dtype
     x_c = lin.x.astype(compute)
     x_hat = (x_c - lin.mean.astype(compute) if spec.centered else x_c) * lin.rstd
-    m2 = jnp.sum(x_hat * lin.dx_counted, axis=spec.reduction, keepdims=True) / lin.count
+    m2 = jnp.sum(_counted(x_hat * lin.dx_counted, lin.mask), axis=spec.reduction,
+                 keepdims=True) / lin.count
     a = lin.rstd if lin.scale is None else lin.rstd * lin.scale.astype(compute)
     slope = -a * m2 if dscale is None else dscale - a * m2
     dy = a * lin.dx.astype(compute) + x_hat * slope
@@ -169,7 +176,8 @@ def _tangent_per_element(
     # dx and the sum for the variance's tangent (one sweep in the transpose).
     centred_x, _, slope = centred_and_slope(views[0])
     reduction = spec.reduction
-    dvar = 2 * jnp.sum(centred_x * lin.dx_counted, axis=reduction, keepdims=True) / lin.count
+    dvar = 2 * jnp.sum(_counted(centred_x * lin.dx_counted, lin.mask), axis=reduction,
+                       keepdims=True) / lin.count
     dy = slope * lin.dx.astype(compute)
     # The terms through the statistics (the two row sums of the transpose).
     centred_x, rstd_view, slope = centred_and_slope(views[1])
@@ -185,6 +193,11 @@ def _tangent_per_element(
     if dbias is not None:
         dy = dy + dbias
     return dy, dmean, dvar
+
+
+def _counted(product: Array, mask: Array | None) -> Array:
+    """``product`` with masked positions zeroed: a non-finite ``x`` there reaches no sum."""
+    return product if mask is None else jnp.where(mask, product, 0)
 
 
 def _as_compute(tangent: Any, compute: Any) -> Array:

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxnorm._affine import NormSpec, compute_dtype, scaled_rstd, standardize
 from jaxnorm._derivative import normalize_with_statistics
-from jaxnorm._stats import moments
+from jaxnorm._stats import element_count, moments_and_count
 
 Array = jax.Array
 
@@ -31,11 +32,14 @@ def normalize_over(
     eps: Any = None,
     mean: Array | None = None,
     var: Array | None = None,
-) -> tuple[Array, Array, Array]:
-    r"""``(y, mean, var)``: ``x`` normalized over ``spec.reduction``.
+    count: Array | None = None,
+) -> tuple[Array, Array, Array, Array | None]:
+    r"""``(y, mean, var, count)``: ``x`` normalized over ``spec.reduction``.
+
+    A set with nothing counted (fully masked) outputs exactly ``bias`` (0 without bias).
 
     Args:
-      x: floating input.
+      x: floating (or complex) input.
       scale: :math:`\gamma` broadcastable to ``x``, or None.
       bias: :math:`\beta` broadcastable to ``x``, or None.
       spec: the static settings (:class:`NormSpec`).
@@ -45,25 +49,26 @@ def normalize_over(
       eps: a traced :math:`\epsilon` (overrides ``spec.eps``; takes the plain path).
       mean: given statistics (keepdims, with ``var``): no statistics are computed.
       var: given variance, with ``mean``.
+      count: with given statistics, the number of elements they count (keepdims), or None.
 
     Returns:
-      ``y`` in ``spec.dtype``; ``mean``/``var`` keep the reduced axes, at least float32.
+      ``y`` in ``spec.dtype``; ``mean``/``var`` keep the reduced axes, at least float32;
+      ``count``: elements counted per set over every member (None for given statistics
+      without ``count``).
     """
-    if mean is None and axis_name is None and eps is None:
-        return normalize_with_statistics(x, scale, bias, mask, spec)
+    real = not jnp.iscomplexobj(x)
+    if mean is None and axis_name is None and eps is None and real:
+        y, mean, var = normalize_with_statistics(x, scale, bias, mask, spec)
+        return y, mean, var, element_count(x.shape, spec.reduction, mask, mean.real.dtype)
     if mean is None:
-        mean, var = moments(
-            x,
-            spec.reduction,
-            mask=mask,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            keepdims=True,
-            centered=spec.centered,
+        mean, var, count = moments_and_count(
+            x, spec.reduction, mask=mask, axis_name=axis_name,
+            axis_index_groups=axis_index_groups, centered=spec.centered,
             fast_variance=spec.fast_variance,
         )
     eps = spec.eps if eps is None else eps
     compute = compute_dtype(x.dtype, spec.dtype)
     multiplier = scaled_rstd(var, scale, eps, compute)
-    y = standardize(x, mean if spec.centered else None, multiplier, bias, spec.dtype)
-    return y, mean, var
+    counted = None if mask is None or count is None else count > 0
+    y = standardize(x, mean if spec.centered else None, multiplier, bias, spec.dtype, counted)
+    return y, mean, var, count

@@ -100,7 +100,7 @@ def group_norm(
       >>> jaxnorm.group_norm(x, num_groups=2, eps=0.0).tolist()
       [[-1.0, 1.0, -1.0, 1.0]]
     """
-    x = check_floating(x)
+    x = check_floating(x, allow_complex=True)
     axis = canonicalize_axis(feature_axis, x.ndim, "feature_axis")
     reduction = _grouped_reduction(x.ndim, axis, reduction_axes)
     channels = x.shape[axis]

@@ -72,7 +72,7 @@ def instance_norm(
       >>> jaxnorm.instance_norm(jnp.array([[[1.0], [3.0]]]), eps=0.0).tolist()
       [[[-1.0], [1.0]]]
     """
-    x = check_floating(x)
+    x = check_floating(x, allow_complex=True)
     features = canonicalize_axes(feature_axes, x.ndim, "feature_axes")
     reduction = spatial_axes(x.ndim, features, x.shape, "instance_norm", feature_axes)
     return normalize(
@@ -204,7 +204,7 @@ def conditional_instance_norm(
       >>> jaxnorm.conditional_instance_norm(x, 1, scale, bias, eps=0.0).tolist()
       [[[3.0], [7.0]]]
     """
-    x = check_floating(x)
+    x = check_floating(x, allow_complex=True)
     features = canonicalize_axes(feature_axes, x.ndim, "feature_axes")
     shape = feature_shape(x.shape, features)
     tables = [t for t in (scale, bias) if t is not None]

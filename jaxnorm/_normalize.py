@@ -118,7 +118,7 @@ def normalize(
       >>> [round(float(v), 3) for v in y[0]]
       [-1.225, 0.0, 1.225]
     """
-    x = check_floating(x)
+    x = check_floating(x, allow_complex=True)
     reduction = canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
     features = canonicalize_axes(feature_axes, x.ndim, "feature_axes")
     spec_eps, traced_eps = static_eps(eps)

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxnorm._axes import check_momentum
+
 Array = jax.Array
 
 MOMENTS_COLLECTION = "batch_moments"
@@ -95,6 +97,7 @@ def update_running_statistics(
       >>> float(jaxnorm.update_running_statistics(running, batch, momentum=0.9).mean[0])
       0.1
     """
+    check_momentum(momentum)
     dtype = jnp.promote_types(jnp.promote_types(running.mean.dtype, batch.mean.dtype),
                               jnp.float32)
     counted = batch.count > 0

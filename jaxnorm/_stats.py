@@ -109,11 +109,12 @@ def _local_moments(
         else:
             var = _centred_mean_square(x, mean, axes, mask, safe_count)
         return mean, var, count
-    mean_square = jnp.sum(weighted * x, axis=axes, keepdims=True) / safe_count
+    # masked positions reach no sum (0 * NaN would be NaN)
+    mean_square = jnp.sum(weighted * weighted, axis=axes, keepdims=True) / safe_count
     one_pass = jnp.maximum(mean_square - mean * mean, 0)
     if fast_variance:
         return mean, one_pass, count
-    well_conditioned = jnp.max(mean * mean - ONE_PASS_CONDITION_LIMIT * one_pass) <= 0
+    well_conditioned = jnp.all(mean * mean <= ONE_PASS_CONDITION_LIMIT * one_pass)
     mean, var = lax.cond(
         well_conditioned,
         lambda x, mask, mean, one_pass: (mean, one_pass),
@@ -154,7 +155,7 @@ def _combine_across(
     count: jax.Array,
     axis_name: Any,
     axis_index_groups: Any,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     r"""The statistics of the concatenated batch from each member's ``(mean, var, count)``
     (Chan et al. 1979), with :math:`N = \sum_d n_d`:
 
@@ -171,7 +172,7 @@ def _combine_across(
     global_mean = weighted / safe_total
     spread = jnp.where(count > 0, count * (var + jnp.square(mean - global_mean)), 0)
     global_var = lax.psum(spread, axis_name, axis_index_groups=axis_index_groups) / safe_total
-    return global_mean, global_var
+    return global_mean, global_var, total
 
 
 def moments(
@@ -204,25 +205,39 @@ def moments(
     Returns:
       ``(mean, var)`` with the population (biased) variance.
     """
-    x = check_floating(x)
+    mean, var, _ = moments_and_count(
+        x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        centered=centered, fast_variance=fast_variance,
+    )
+    if not keepdims:
+        axes = canonicalize_axes(axes, mean.ndim, "axes")
+        mean = jnp.squeeze(mean, axes)
+        var = jnp.squeeze(var, axes)
+    return mean, var
+
+
+def moments_and_count(
+    x: jax.Array, axes: Axes, *, mask: jax.Array | None = None, axis_name: Any = None,
+    axis_index_groups: Any = None, centered: bool = True, fast_variance: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`moments` (keepdims) with the number of counted elements of each set, summed
+    over ``axis_name``: what the dispatcher needs to give fully masked sets ``bias``."""
+    x = check_floating(x, allow_complex=True)
     input_dtype = x.dtype
     axes = canonicalize_axes(axes, x.ndim, "axes")
     mask = broadcast_mask(mask, x.shape)
     x = x.astype(statistics_dtype(x.dtype))
+    if jnp.iscomplexobj(x):
+        return _complex_moments(x, axes, mask, axis_name, axis_index_groups)
     if centered and not fast_variance:
         # Half-precision values summed in float32 are exact multiples (a constant set of up
         # to 2**13 float16 / 2**16 bfloat16 values has an exact sum), so their first-pass
         # mean is already exact for constant sets; only wider inputs need the refinement.
         refine = jnp.dtype(input_dtype).itemsize >= 4
-        mean, var = _stable_moments(x, axes, mask, axis_name, axis_index_groups, refine)
-    elif centered and axis_name is None:
-        mean, var, _ = _local_moments(x, axes, mask, fast_variance=True)
-    else:
-        mean, var = _summed_moments(x, axes, mask, axis_name, axis_index_groups, centered)
-    if not keepdims:
-        mean = jnp.squeeze(mean, axes)
-        var = jnp.squeeze(var, axes)
-    return mean, var
+        return _stable_moments(x, axes, mask, axis_name, axis_index_groups, refine)
+    if centered and axis_name is None:
+        return _local_moments(x, axes, mask, fast_variance=True)
+    return _summed_moments(x, axes, mask, axis_name, axis_index_groups, centered)
 
 
 def _stable_moments(
@@ -232,18 +247,17 @@ def _stable_moments(
     axis_name: Any,
     axis_index_groups: Any,
     refine_mean: bool,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Two-pass-accurate moments (keepdims); across ``axis_name``, each member's statistics
     of ``x - pivot`` (a shared data value) merged with Chan's formula: the members' offsets
     from each other keep full precision, and a constant input (pivot = the constant) stays
     exact."""
     if axis_name is None:
-        mean, var, _ = _local_moments(x, axes, mask, refine_mean=refine_mean)
-        return mean, var
+        return _local_moments(x, axes, mask, refine_mean=refine_mean)
     pivot = _agreed_pivot(x, axes, mask, axis_name, axis_index_groups)
     mean, var, count = _local_moments(x - pivot, axes, mask)
-    mean, var = _combine_across(mean, var, count, axis_name, axis_index_groups)
-    return mean + pivot, var
+    mean, var, total = _combine_across(mean, var, count, axis_name, axis_index_groups)
+    return mean + pivot, var, total
 
 
 def _summed_moments(
@@ -253,20 +267,45 @@ def _summed_moments(
     axis_name: Any,
     axis_index_groups: Any,
     centered: bool,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     r""":math:`E[x]` and :math:`E[x^2]` summed (with one ``psum`` across members), keepdims:
     RMSNorm's statistic (``centered=False``: mean 0, var :math:`E[x^2]`) and Flax's fast
     variance :math:`E[x^2] - \mu^2`."""
     weighted = x if mask is None else jnp.where(mask, x, 0)
     count = element_count(x.shape, axes, mask, x.dtype)
     first = jnp.sum(weighted, axis=axes, keepdims=True)
-    second = jnp.sum(weighted * x, axis=axes, keepdims=True)
+    second = jnp.sum(weighted * weighted, axis=axes, keepdims=True)
     if axis_name is not None:
         count, first, second = lax.psum(
             (count, first, second), axis_name, axis_index_groups=axis_index_groups
         )
     safe_count = jnp.maximum(count, 1)
     if not centered:
-        return jnp.zeros_like(second), second / safe_count
+        return jnp.zeros_like(second), second / safe_count, count
     mean = first / safe_count
-    return mean, jnp.maximum(second / safe_count - mean * mean, 0)
+    return mean, jnp.maximum(second / safe_count - mean * mean, 0), count
+
+
+def _complex_moments(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None,
+    axis_name: Any,
+    axis_index_groups: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    r"""Complex input, as Flax: the complex mean and the real variance
+    :math:`\frac1n\sum w\,|x - \mu|^2`, two passes (each one ``psum`` across members)."""
+    weighted = x if mask is None else jnp.where(mask, x, 0)
+    count = jnp.broadcast_to(element_count(x.shape, axes, mask, x.real.dtype),
+                             jnp.sum(weighted, axis=axes, keepdims=True).shape)
+    total = jnp.sum(weighted, axis=axes, keepdims=True)
+    if axis_name is not None:
+        count, total = lax.psum((count, total), axis_name, axis_index_groups=axis_index_groups)
+    mean = total / jnp.maximum(count, 1)
+    deviation = x - mean
+    if mask is not None:
+        deviation = jnp.where(mask, deviation, 0)
+    spread = jnp.sum(deviation.real**2 + deviation.imag**2, axis=axes, keepdims=True)
+    if axis_name is not None:
+        spread = lax.psum(spread, axis_name, axis_index_groups=axis_index_groups)
+    return mean, spread / jnp.maximum(count, 1), count

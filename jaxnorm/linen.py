@@ -30,7 +30,15 @@ import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
 
 import jaxnorm
-from jaxnorm._axes import Axes, as_floating, canonicalize_axes, canonicalize_axis, feature_shape
+from jaxnorm._axes import (
+    Axes,
+    as_floating,
+    canonicalize_axes,
+    canonicalize_axis,
+    check_momentum,
+    check_renorm_limits,
+    feature_shape,
+)
 from jaxnorm._linen_weight import SpectralNorm, WeightNorm, WeightStandardization
 from jaxnorm._precise import record_linen_moments
 
@@ -166,6 +174,7 @@ class BatchNorm(nn.Module):
     def _running_statistics(self, shape: tuple[int, ...]) -> Any:
         """The ``batch_stats`` variables (``count`` only with ``momentum=None``)."""
         dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        check_momentum(self.momentum)
         count = None
         if self.momentum is None:
             count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
@@ -195,6 +204,7 @@ class BatchRenorm(BatchNorm):
 
     @nn.nowrap
     def _renorm(self, running: jaxnorm.RunningStatistics) -> jaxnorm.Renorm | None:
+        check_renorm_limits(self.r_max, self.d_max)
         return jaxnorm.Renorm(running.mean, running.var, self.r_max, self.d_max)
 
 

@@ -25,7 +25,7 @@ from flax.nnx.nn import dtypes
 from flax.typing import Dtype, Initializer
 
 import jaxnorm
-from jaxnorm._axes import Axes, as_floating
+from jaxnorm._axes import Axes, as_floating, check_momentum, check_renorm_limits
 from jaxnorm._group_norm import resolve_num_groups
 from jaxnorm._nnx_weight import SpectralNorm, WeightNorm, WeightStandardization
 from jaxnorm._precise import recompute_nnx_batch_stats
@@ -110,6 +110,7 @@ class BatchNorm(nnx.Module):
         unbiased_running_var: bool = False,
         virtual_batch_size: int | None = None,
     ):
+        check_momentum(momentum)
         shape = _shape(num_features)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
@@ -214,6 +215,7 @@ class BatchRenorm(BatchNorm):
         rngs: nnx.Rngs,
         **batch_norm_kwargs: Any,
     ):
+        check_renorm_limits(r_max, d_max)
         super().__init__(num_features, rngs=rngs, **batch_norm_kwargs)
         self.r_max = r_max
         self.d_max = d_max
