@@ -31,7 +31,25 @@ class BatchMoments(NamedTuple):
     r"""Per-channel statistics of one training batch: mean, biased variance, the number of
     elements (over every device) they were computed from, and the number of (non-empty)
     groups with their own mean: 1, or the ghost batches. For ghost batches ``var`` is the
-    pooled within-group variance :math:`\sum_g n_g\sigma_g^2 / \sum_g n_g`."""
+    pooled within-group variance :math:`\sum_g n_g\sigma_g^2 / \sum_g n_g`.
+
+    ``jaxnorm.batch_norm(..., return_moments=True)`` returns one;
+    :func:`update_running_statistics` and :func:`merge_moments` take them.
+
+    Attributes:
+      mean: the batch mean :math:`\mu_B` per channel, feature shape (the shape of
+        ``scale``); for ghost batches the count-weighted mean of the groups' means, which
+        is the mean of the whole batch.
+      var: the biased batch variance :math:`\sigma^2_B = \frac{1}{n}\sum (x -
+        \mu_B)^2` per channel, feature shape; for ghost batches the pooled within-group
+        variance above.
+      count: :math:`n`, the number of (unmasked) elements behind each channel's
+        statistics, summed over ``axis_name``; feature shape, floating. A channel with
+        ``count == 0`` (fully masked) leaves the running statistics unchanged.
+      groups: the number of groups :math:`G` with their own mean among those ``count``
+        elements: ``1`` (default) for plain BatchNorm, the non-empty ghost batches with
+        ``virtual_batch_size``; the unbiased variance divides by :math:`n - G`.
+    """
 
     mean: Array
     var: Array
@@ -40,8 +58,24 @@ class BatchMoments(NamedTuple):
 
 
 class RunningStatistics(NamedTuple):
-    """The ``batch_stats`` of a BatchNorm layer; ``count`` (batches seen) only when
-    ``momentum=None``."""
+    r"""The ``batch_stats`` of a BatchNorm layer; ``count`` (batches seen) only when
+    ``momentum=None``.
+
+    :func:`update_running_statistics` maps it and a batch's :class:`BatchMoments` to the
+    next one: :math:`\hat\mu \leftarrow m\,\hat\mu + (1-m)\,\mu_B`, likewise
+    :math:`\hat\sigma^2`; evaluation normalizes with
+    :math:`(x - \hat\mu)/\sqrt{\hat\sigma^2 + \epsilon}`.
+
+    Attributes:
+      mean: the running mean :math:`\hat\mu` per channel, feature shape (Flax's
+        ``batch_stats['mean']``, PyTorch's ``running_mean``); the layers start it at 0.
+      var: the running variance :math:`\hat\sigma^2` per channel, feature shape (Flax's
+        ``batch_stats['var']``, PyTorch's ``running_var``): an average of biased batch
+        variances, or of unbiased ones with ``unbiased=True``; the layers start it at 1.
+      count: the number of batches averaged so far (an integer scalar; a batch in which
+        no channel counted an element is not counted), needed by the cumulative average
+        of ``momentum=None``; ``None`` (default) otherwise.
+    """
 
     mean: Array
     var: Array
@@ -52,7 +86,20 @@ def merge_moments(first: BatchMoments, second: BatchMoments) -> BatchMoments:
     r"""The moments of two batches together (Chan et al. 1979): with :math:`n = n_a + n_b`
     and :math:`\delta = \mu_b - \mu_a`, :math:`\mu = \mu_a + \delta n_b/n` and
     :math:`\sigma^2 = (n_a\sigma_a^2 + n_b\sigma_b^2 + \delta^2 n_a n_b/n)/n`. Used when
-    one layer runs more than once in a forward pass (shared weights)."""
+    one layer runs more than once in a forward pass (shared weights).
+
+    Args:
+      first: the :class:`BatchMoments` of batch :math:`a` (:math:`\mu_a`,
+        :math:`\sigma^2_a`, :math:`n_a`), feature shape.
+      second: the :class:`BatchMoments` of batch :math:`b`, the same feature shape. A
+        channel with no elements in one batch (count 0) takes the other's moments.
+
+    Returns:
+      The :class:`BatchMoments` of the union: mean and biased variance as above, count
+      :math:`n_a + n_b`, and ``groups`` :math:`G_a + G_b` (so
+      :func:`update_running_statistics` with ``unbiased=True`` divides by
+      :math:`n - G_a - G_b`).
+    """
     total = first.count + second.count
     safe_total = jnp.maximum(total, 1)
     delta = second.mean - first.mean

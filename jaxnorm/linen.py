@@ -246,7 +246,20 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        """Normalizes ``x``; ``mask`` (boolean, broadcastable) excludes elements."""
+        r"""Normalizes ``x``: :math:`y = (x - \mu)/\sqrt{\sigma^2 + \epsilon}\,\gamma + \beta`
+        with :math:`\mu, \sigma^2` per example over ``reduction_axes``.
+
+        Args:
+          x: the input, any rank; its sizes along ``feature_axes`` fix the shape of
+            ``scale`` and ``bias`` at ``init``. Integers are promoted to float32.
+          mask: boolean, broadcastable to ``x``; ``False`` elements do not count in the
+            statistics (they are still normalized, with the statistics of the others).
+            ``None`` (default): every element counts.
+
+        Returns:
+          ``y``, the shape of ``x``, in ``dtype`` (default: the promoted dtype of ``x`` and
+          the parameters).
+        """
         x = as_floating(x)
         features = canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
         scale, bias = _scale_and_bias(
@@ -293,7 +306,20 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        """Normalizes ``x``; ``mask`` (boolean, broadcastable) excludes elements."""
+        r"""Normalizes ``x``: :math:`y = x/\sqrt{E[x^2] + \epsilon}\,\gamma`, the mean square
+        per example over ``reduction_axes`` (no centring).
+
+        Args:
+          x: the input, any rank; its sizes along ``feature_axes`` fix the shape of
+            ``scale`` at ``init``. Integers are promoted to float32.
+          mask: boolean, broadcastable to ``x``; ``False`` elements do not count in the
+            statistics (they are still normalized, with the statistics of the others).
+            ``None`` (default): every element counts.
+
+        Returns:
+          ``y``, the shape of ``x``, in ``dtype`` (default: the promoted dtype of ``x`` and
+          the parameters).
+        """
         x = as_floating(x)
         features = canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
         scale = None
@@ -349,7 +375,22 @@ class GroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        """Normalizes ``x``; ``mask`` (boolean, broadcastable) excludes elements."""
+        r"""Normalizes ``x``: :math:`y = (x - \mu_{n,g})/\sqrt{\sigma^2_{n,g} + \epsilon}\,
+        \gamma_c + \beta_c`, statistics per example and group of channels over
+        ``reduction_axes``.
+
+        Args:
+          x: the input with its channels :math:`C` on ``feature_axis`` (``scale`` and
+            ``bias`` have shape ``(C,)``; the number of groups must divide :math:`C`).
+            Integers are promoted to float32.
+          mask: boolean, broadcastable to ``x``; ``False`` elements do not count in the
+            statistics (they are still normalized, with the statistics of the others).
+            ``None`` (default): every element counts.
+
+        Returns:
+          ``y``, the shape of ``x``, in ``dtype`` (default: the promoted dtype of ``x`` and
+          the parameters).
+        """
         x = as_floating(x)
         axis = canonicalize_axis(self.feature_axis, x.ndim, "feature_axis")
         scale, bias = _scale_and_bias(self, (x.shape[axis],), self.use_scale, self.use_bias)
@@ -396,7 +437,21 @@ class InstanceNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        """Normalizes ``x``; ``mask`` (boolean, broadcastable) excludes elements."""
+        r"""Normalizes ``x``: :math:`y = (x - \mu_{n,c})/\sqrt{\sigma^2_{n,c} + \epsilon}\,
+        \gamma_c + \beta_c`, statistics per example :math:`n` and channel :math:`c` over
+        every axis except 0 and ``feature_axes``.
+
+        Args:
+          x: the input, batch axis 0, channels on ``feature_axes`` and at least one other
+            (spatial) axis, e.g. ``(N, H, W, C)``. Integers are promoted to float32.
+          mask: boolean, broadcastable to ``x``; ``False`` elements do not count in the
+            statistics (they are still normalized, with the statistics of the others).
+            ``None`` (default): every element counts.
+
+        Returns:
+          ``y``, the shape of ``x``, in ``dtype`` (default: the promoted dtype of ``x`` and
+          the parameters).
+        """
         x = as_floating(x)
         features = canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
         scale, bias = _scale_and_bias(
@@ -428,7 +483,17 @@ class LocalResponseNorm(nn.Module):
     feature_axis: int = -1
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """Normalizes ``x`` by its neighbouring channels' squares."""
+        r"""Normalizes ``x`` by its neighbouring channels' squares:
+        :math:`b_c = a_c\,(k + \tfrac{\alpha}{n}\sum_{c'} a_{c'}^2)^{-\beta}` over the
+        window of ``size`` :math:`n` channels around :math:`c` (zero-padded).
+
+        Args:
+          x: the input :math:`a`, channels on ``feature_axis``; integers are promoted to
+            float32.
+
+        Returns:
+          ``b``, the shape and dtype of ``x`` (float32 for integer ``x``).
+        """
         return jaxnorm.local_response_norm(
             as_floating(x), size=self.size, alpha=self.alpha, beta=self.beta, k=self.k,
             feature_axis=self.feature_axis,
@@ -448,7 +513,19 @@ class AdaptiveInstanceNorm(nn.Module):
     feature_axes: Axes = -1
 
     def __call__(self, content: jax.Array, style: jax.Array) -> jax.Array:
-        """``content`` with the per-channel mean and standard deviation of ``style``."""
+        r"""``content`` with the per-channel mean and standard deviation of ``style``:
+        :math:`\sigma(s)\,(c - \mu(c))/\sigma(c) + \mu(s)`.
+
+        Args:
+          content: the floating input :math:`c` whose statistics are replaced: batch axis
+            0, channels on ``feature_axes`` and at least one spatial axis.
+          style: the floating input :math:`s` whose statistics are imposed: the rank and
+            channels of ``content``, any spatial size, batch size that of ``content`` or 1
+            (one style for every example).
+
+        Returns:
+          The shape and dtype of ``content``.
+        """
         return jaxnorm.adaptive_instance_norm(
             content, style, feature_axes=self.feature_axes, eps=self.epsilon
         )
@@ -485,7 +562,25 @@ class ConditionalInstanceNorm(nn.Module):
     def __call__(
         self, x: jax.Array, style_id: jax.Array, *, mask: jax.Array | None = None
     ) -> jax.Array:
-        """Normalizes ``x`` with the parameters of ``style_id`` (ids or mixing weights)."""
+        r"""Normalizes ``x`` with the parameters of ``style_id`` (ids or mixing weights):
+        :math:`y = \gamma_s\,\mathrm{IN}(x) + \beta_s`.
+
+        Args:
+          x: the input, batch axis 0 (size :math:`N`), channels on ``feature_axes`` and at
+            least one spatial axis. Integers are promoted to float32.
+          style_id: integer style ids in ``[0, num_styles)``, a scalar (one style for the
+            batch) or shape ``(N,)``; or float mixing weights of shape
+            ``(N, num_styles)``, whose rows mix the styles' ``scale``/``bias`` linearly.
+            An id out of range raises ``ValueError`` eagerly and gives NaN outputs for
+            that example under ``jit``.
+          mask: boolean, broadcastable to ``x``; ``False`` elements do not count in the
+            statistics (they are still normalized, with the statistics of the others).
+            ``None`` (default): every element counts.
+
+        Returns:
+          ``y``, the shape of ``x``, in ``dtype`` (default: the promoted dtype of ``x`` and
+          the parameters).
+        """
         x = as_floating(x)
         features = canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
         scale, bias = _scale_and_bias(

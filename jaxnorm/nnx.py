@@ -5,9 +5,9 @@ The same set as :mod:`jaxnorm.linen`, in ``flax.nnx`` style and drop-in for the
 ``scale``/``bias`` are ``nnx.Param``; running statistics are ``nnx.BatchStat`` variables
 ``mean`` and ``var`` (and ``count`` with ``momentum=None``); ``model.train()`` /
 ``model.eval()`` (or ``nnx.view``) toggle ``use_running_average``. Each module holds its
-parameters and calls the same :mod:`jaxnorm` function as its Linen twin; see :mod:`jaxnorm.linen` for how the
-statistics differ from Flax's (stable by default; ``use_fast_variance=True`` selects Flax's
-one-pass formula).
+parameters and calls the same :mod:`jaxnorm` function as its Linen twin; see
+:mod:`jaxnorm.linen` for how the statistics differ from Flax's (stable by default;
+``use_fast_variance=True`` selects Flax's one-pass formula).
 :func:`recompute_batch_stats` (precise BN) recomputes a model's statistics in place.
 """
 
@@ -76,7 +76,7 @@ def _shape(num_features: int | Sequence[int]) -> tuple[int, ...]:
 
 
 class BatchNorm(nnx.Module):
-    """Batch normalization (Ioffe & Szegedy 2015), a drop-in for ``flax.nnx.BatchNorm``.
+    r"""Batch normalization (Ioffe & Szegedy 2015), a drop-in for ``flax.nnx.BatchNorm``.
 
     Training (``use_running_average=False``, ``model.train()``): batch statistics over
     every axis except ``axis``; ``mean``/``var`` follow ``ra = momentum * ra +
@@ -84,6 +84,61 @@ class BatchNorm(nnx.Module):
     ``unbiased_running_var`` (PyTorch's ``n/(n-1)`` convention), ``momentum=None`` (exact
     cumulative average with a ``count`` BatchStat) and ``virtual_batch_size`` (ghost
     batch norm), as :class:`jaxnorm.linen.BatchNorm`.
+
+    Training: :math:`y = (x - \mu_B)/\sqrt{\sigma^2_B + \epsilon}\,\gamma + \beta`, then
+    :math:`\hat\mu \leftarrow m\,\hat\mu + (1-m)\,\mu_B` and likewise :math:`\hat\sigma^2`;
+    evaluation: :math:`y = (x - \hat\mu)/\sqrt{\hat\sigma^2 + \epsilon}\,\gamma + \beta`.
+
+    Args:
+      num_features: the number of channels :math:`C`, the size of ``x`` along ``axis``
+        (a tuple of sizes when ``axis`` names several axes): the shape of ``scale``,
+        ``bias``, ``mean`` and ``var``.
+      use_running_average: False (default, as Flax NNX): training, normalize with the batch
+        statistics and update ``mean``/``var``; True: evaluation with the running
+        statistics; None: the call must say. ``model.train()`` / ``model.eval()`` set it;
+        the call's argument overrides it.
+      axis: the feature axis or axes (default -1, channels last; ``1`` for NCHW); the
+        statistics are taken over every other axis.
+      momentum: the decay :math:`m` of the running averages (default 0.99, Flax's;
+        PyTorch's ``momentum=0.1`` is ``0.9`` here); None: the exact cumulative average
+        over all batches so far, counted in the ``count`` BatchStat (PyTorch's
+        ``momentum=None``).
+      epsilon: :math:`\epsilon` added to the variance (default 1e-5, as Flax and PyTorch).
+      dtype: the dtype of the computation: ``promote_dtype`` casts ``x``, ``scale`` and
+        ``bias`` to it and the output has it; default ``None``: their promoted dtype
+        (statistics are computed in at least float32 either way).
+      param_dtype: the dtype ``scale`` and ``bias`` are initialised in (default float32);
+        ``mean`` and ``var`` start in float32 and are updated in at least float32.
+      use_bias: learn the shift :math:`\beta` (the ``bias`` Param; default True). False:
+        ``bias`` is None and nothing is added.
+      use_scale: learn the gain :math:`\gamma` (the ``scale`` Param; default True). False:
+        ``scale`` is None, as when the next layer is linear and absorbs it.
+      bias_init: the initializer of ``bias``, called as ``bias_init(key, shape,
+        param_dtype)`` with a key from ``rngs.params()``; default zeros.
+      scale_init: the initializer of ``scale``, called likewise; default ones.
+      axis_name: the name of a mapped axis (``jax.pmap``, ``shard_map``, ``vmap``) across
+        which the batch statistics are combined (synchronized BatchNorm), weighted by
+        element counts; default None: each device alone.
+      axis_index_groups: groups of indices within ``axis_name`` that combine separately,
+        as in ``lax.psum`` (``[[0, 1], [2, 3]]``: two pairs of devices); default None: all.
+      use_fast_variance: True: Flax's one-pass :math:`E[x^2] - E[x]^2`, which cancels when
+        :math:`|\mu| \gg \sigma`; default False: the two-pass :math:`E[(x - \mu)^2]`.
+      promote_dtype: Flax NNX's dtype hook, called as ``promote_dtype((x, scale, bias),
+        dtype=dtype)`` (an unused ``scale``/``bias`` as None) and returning the three
+        cast (Flax's BatchNorm also passes ``mean`` and ``var``; here they stay in their
+        own dtype); default ``flax.nnx.nn.dtypes.promote_dtype``.
+      rngs: an ``nnx.Rngs`` (required, as in Flax); its ``params`` stream gives the keys
+        of ``scale_init`` and ``bias_init``.
+      bias_metadata: keyword arguments of the ``bias`` ``nnx.Param`` (e.g. sharding
+        annotations), as in Flax; default none.
+      scale_metadata: keyword arguments of the ``scale`` ``nnx.Param``, likewise.
+      unbiased_running_var: store :math:`n/(n-1)\,\sigma^2_B` in ``var`` (PyTorch's
+        convention); the batch itself is normalized with the biased :math:`\sigma^2_B`
+        either way. Default False (Flax's).
+      virtual_batch_size: ghost batch norm: training statistics per consecutive group of
+        this many examples along axis 0 (must divide the batch size; axis 0 must not be
+        a feature axis); the running statistics take the groups' pooled moments
+        (:class:`jaxnorm.BatchMoments`). Default None: the whole batch.
     """
 
     def __init__(
@@ -203,7 +258,21 @@ class BatchRenorm(BatchNorm):
 
     Training: :math:`y = ((x-\mu_B)/\sigma_B\cdot r + d)\,\gamma + \beta` with ``r``, ``d``
     from the running statistics, clipped and under ``stop_gradient``
-    (:func:`jaxnorm.batch_norm`). ``r_max=1, d_max=0`` is BatchNorm.
+    (:func:`jaxnorm.batch_norm`). ``r_max=1, d_max=0`` is BatchNorm. With
+    :math:`\sigma_B = \sqrt{\sigma^2_B + \epsilon}` and
+    :math:`\hat\sigma = \sqrt{\hat\sigma^2 + \epsilon}`:
+    :math:`r = \mathrm{clip}(\sigma_B/\hat\sigma, 1/r_{max}, r_{max})`,
+    :math:`d = \mathrm{clip}((\mu_B - \hat\mu)/\hat\sigma, -d_{max}, d_{max})`. Running
+    statistics and evaluation as :class:`BatchNorm`, with the same variables.
+
+    Args:
+      num_features: the number of channels, as :class:`BatchNorm`'s.
+      r_max: the largest correction :math:`r`, at least 1 (default 3.0).
+      d_max: the largest correction :math:`|d|`, at least 0 (default 5.0).
+      rngs: an ``nnx.Rngs``, as :class:`BatchNorm`'s.
+      **batch_norm_kwargs: every other keyword argument of :class:`BatchNorm`
+        (``momentum``, ``axis``, ``epsilon``, ``use_running_average``, ...), with its
+        default there.
     """
 
     def __init__(
@@ -225,7 +294,44 @@ class BatchRenorm(BatchNorm):
 
 
 class LayerNorm(nnx.Module):
-    """Layer normalization (Ba et al. 2016), a drop-in for ``flax.nnx.LayerNorm``."""
+    r"""Layer normalization (Ba et al. 2016), a drop-in for ``flax.nnx.LayerNorm``:
+    :math:`y = (x - \mu)/\sqrt{\sigma^2 + \epsilon}\,\gamma + \beta` with :math:`\mu,
+    \sigma^2` over ``reduction_axes`` (:func:`jaxnorm.layer_norm`).
+
+    Args:
+      num_features: the shape of ``scale`` and ``bias``: the size of ``x`` along
+        ``feature_axes`` (an int for one axis, a tuple for several).
+      epsilon: :math:`\epsilon` added to the variance (default 1e-6, as Flax; PyTorch's
+        is 1e-5).
+      dtype: the dtype of the computation: ``promote_dtype`` casts ``x``, ``scale`` and
+        ``bias`` to it and the output has it; default ``None``: their promoted dtype
+        (statistics are computed in at least float32 either way).
+      param_dtype: the dtype ``scale`` and ``bias`` are initialised in (default float32).
+      use_bias: learn the shift :math:`\beta` (the ``bias`` Param; default True). False:
+        ``bias`` is None and nothing is added.
+      use_scale: learn the gain :math:`\gamma` (the ``scale`` Param; default True). False:
+        ``scale`` is None, as when the next layer is linear and absorbs it.
+      bias_init: the initializer of ``bias``, called as ``bias_init(key, shape,
+        param_dtype)`` with a key from ``rngs.params()``; default zeros.
+      scale_init: the initializer of ``scale``, called likewise; default ones.
+      reduction_axes: the axes the statistics are taken over, separately for every
+        index of the others (default -1, the last).
+      feature_axes: the axes of ``scale`` and ``bias`` (default -1).
+      axis_name: the name of a mapped axis across which the statistics are combined
+        (e.g. a sequence sharded over devices), weighted by element counts; default None.
+      axis_index_groups: groups of indices within ``axis_name`` that combine separately,
+        as in ``lax.psum`` (``[[0, 1], [2, 3]]``: two pairs of devices); default None: all.
+      use_fast_variance: True: Flax's one-pass :math:`E[x^2] - E[x]^2`, which cancels when
+        :math:`|\mu| \gg \sigma`; default False: the two-pass :math:`E[(x - \mu)^2]`.
+      promote_dtype: Flax NNX's dtype hook, called as ``promote_dtype((x, scale, bias),
+        dtype=dtype)`` (an unused ``scale``/``bias`` as None) and returning the three
+        cast; default ``flax.nnx.nn.dtypes.promote_dtype``.
+      rngs: an ``nnx.Rngs`` (required, as in Flax); its ``params`` stream gives the keys
+        of ``scale_init`` and ``bias_init``.
+      bias_metadata: keyword arguments of the ``bias`` ``nnx.Param`` (e.g. sharding
+        annotations), as in Flax; default none.
+      scale_metadata: keyword arguments of the ``scale`` ``nnx.Param``, likewise.
+    """
 
     def __init__(
         self,
@@ -265,7 +371,19 @@ class LayerNorm(nnx.Module):
         self.promote_dtype = promote_dtype
 
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        """Normalizes ``x``; ``mask`` (boolean, broadcastable) excludes elements."""
+        """Normalizes ``x`` (formula above).
+
+        Args:
+          x: the input, any rank; its sizes along ``feature_axes`` must be
+            ``num_features``. Integers are promoted to float32.
+          mask: boolean, broadcastable to ``x``; ``False`` elements do not count in the
+            statistics (they are still normalized, with the statistics of the others).
+            ``None`` (default): every element counts.
+
+        Returns:
+          ``y``, the shape of ``x``, in ``dtype`` (default: the promoted dtype of ``x`` and
+          the parameters).
+        """
         x, scale, bias = self.promote_dtype(
             (as_floating(x), _value(self.scale), _value(self.bias)), dtype=self.dtype
         )
@@ -279,7 +397,38 @@ class LayerNorm(nnx.Module):
 
 class RMSNorm(nnx.Module):
     r"""RMS normalization (Zhang & Sennrich 2019), a drop-in for ``flax.nnx.RMSNorm``:
-    :math:`y = x / \sqrt{E[x^2] + \epsilon}\cdot\gamma`."""
+    :math:`y = x / \sqrt{E[x^2] + \epsilon}\cdot\gamma`, the mean square over
+    ``reduction_axes`` (:func:`jaxnorm.rms_norm`).
+
+    Args:
+      num_features: the shape of ``scale``: the size of ``x`` along ``feature_axes`` (an
+        int for one axis, a tuple for several).
+      epsilon: :math:`\epsilon` added to the mean square (default 1e-6, as Flax).
+      dtype: the dtype of the computation: ``promote_dtype`` casts ``x`` and ``scale`` to
+        it and the output has it; default ``None``: their promoted dtype (the mean square
+        is computed in at least float32 either way).
+      param_dtype: the dtype ``scale`` is initialised in (default float32).
+      use_scale: learn the gain :math:`\gamma` (the ``scale`` Param; default True). False:
+        ``scale`` is None.
+      scale_init: the initializer of ``scale``, called as ``scale_init(key, shape,
+        param_dtype)`` with a key from ``rngs.params()``; default ones.
+      reduction_axes: the axes of the mean square, separately for every index of the
+        others (default -1, the last).
+      feature_axes: the axes of ``scale`` (default -1).
+      axis_name: the name of a mapped axis (``jax.pmap``, ``shard_map``, ``vmap``) across
+        which the statistics are combined, weighted by element counts (exact when devices
+        hold different numbers of unmasked elements); default None: each device alone.
+      axis_index_groups: groups of indices within ``axis_name`` that combine separately,
+        as in ``lax.psum`` (``[[0, 1], [2, 3]]``: two pairs of devices); default None: all.
+      use_fast_variance: accepted for Flax compatibility; RMS normalization takes no
+        variance, so it changes nothing.
+      promote_dtype: Flax NNX's dtype hook, called as ``promote_dtype((x, scale),
+        dtype=dtype)`` (an unused ``scale`` as None) and returning both cast; default
+        ``flax.nnx.nn.dtypes.promote_dtype``.
+      rngs: an ``nnx.Rngs`` (required, as in Flax); its ``params`` stream gives the key
+        of ``scale_init``.
+      scale_metadata: keyword arguments of the ``scale`` ``nnx.Param``, likewise.
+    """
 
     def __init__(
         self,
@@ -314,7 +463,19 @@ class RMSNorm(nnx.Module):
         self.promote_dtype = promote_dtype
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        """Normalizes ``x``; ``mask`` (boolean, broadcastable) excludes elements."""
+        """Normalizes ``x`` (formula above).
+
+        Args:
+          x: the input, any rank; its sizes along ``feature_axes`` must be
+            ``num_features``. Integers are promoted to float32.
+          mask: boolean, broadcastable to ``x``; ``False`` elements do not count in the
+            statistics (they are still normalized, with the statistics of the others).
+            ``None`` (default): every element counts.
+
+        Returns:
+          ``y``, the shape of ``x``, in ``dtype`` (default: the promoted dtype of ``x`` and
+          the parameters).
+        """
         x, scale = self.promote_dtype((as_floating(x), _value(self.scale)), dtype=self.dtype)
         return jaxnorm.rms_norm(
             x, scale, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
@@ -324,8 +485,54 @@ class RMSNorm(nnx.Module):
 
 
 class GroupNorm(nnx.Module):
-    """Group normalization (Wu & He 2018), a drop-in for ``flax.nnx.GroupNorm``; adds
-    ``feature_axis`` (``1`` serves NCHW). Exactly one of ``num_groups``/``group_size``."""
+    r"""Group normalization (Wu & He 2018), a drop-in for ``flax.nnx.GroupNorm``; adds
+    ``feature_axis`` (``1`` serves NCHW). Exactly one of ``num_groups``/``group_size``.
+
+    The :math:`C` channels form :math:`G` groups of :math:`C/G` consecutive channels;
+    :math:`y = (x - \mu_{n,g})/\sqrt{\sigma^2_{n,g} + \epsilon}\,\gamma_c + \beta_c` with
+    statistics per example and group (:func:`jaxnorm.group_norm`).
+
+    Args:
+      num_features: the number of channels :math:`C`, the size of ``x`` along
+        ``feature_axis``; ``scale`` and ``bias`` have shape ``(C,)``.
+      num_groups: :math:`G`, dividing :math:`C` (default 32, as Flax); pass None to give
+        ``group_size`` instead.
+      group_size: :math:`C/G`, the channels per group, dividing :math:`C` (default None:
+        from ``num_groups``).
+      epsilon: :math:`\epsilon` added to the variance (default 1e-6, as Flax; PyTorch's
+        is 1e-5).
+      dtype: the dtype of the computation: ``promote_dtype`` casts ``x``, ``scale`` and
+        ``bias`` to it and the output has it; default ``None``: their promoted dtype
+        (statistics are computed in at least float32 either way).
+      param_dtype: the dtype ``scale`` and ``bias`` are initialised in (default float32).
+      use_bias: learn the shift :math:`\beta` (the ``bias`` Param; default True). False:
+        ``bias`` is None and nothing is added.
+      use_scale: learn the gain :math:`\gamma` (the ``scale`` Param; default True). False:
+        ``scale`` is None, as when the next layer is linear and absorbs it.
+      bias_init: the initializer of ``bias``, called as ``bias_init(key, shape,
+        param_dtype)`` with a key from ``rngs.params()``; default zeros.
+      scale_init: the initializer of ``scale``, called likewise; default ones.
+      reduction_axes: the axes the statistics span, including the channel axis (Flax's
+        argument); default None: every axis except the batch axis 0. Axes outside it are
+        batch axes.
+      axis_name: the name of a mapped axis (``jax.pmap``, ``shard_map``, ``vmap``) across
+        which the statistics are combined, weighted by element counts (exact when devices
+        hold different numbers of unmasked elements); default None: each device alone.
+      axis_index_groups: groups of indices within ``axis_name`` that combine separately,
+        as in ``lax.psum`` (``[[0, 1], [2, 3]]``: two pairs of devices); default None: all.
+      use_fast_variance: True: Flax's one-pass :math:`E[x^2] - E[x]^2`, which cancels when
+        :math:`|\mu| \gg \sigma`; default False: the two-pass :math:`E[(x - \mu)^2]`.
+      promote_dtype: Flax NNX's dtype hook, called as ``promote_dtype((x, scale, bias),
+        dtype=dtype)`` (an unused ``scale``/``bias`` as None) and returning the three
+        cast; default ``flax.nnx.nn.dtypes.promote_dtype``.
+      rngs: an ``nnx.Rngs`` (required, as in Flax); its ``params`` stream gives the keys
+        of ``scale_init`` and ``bias_init``.
+      bias_metadata: keyword arguments of the ``bias`` ``nnx.Param`` (e.g. sharding
+        annotations), as in Flax; default none.
+      scale_metadata: keyword arguments of the ``scale`` ``nnx.Param``, likewise.
+      feature_axis: the channel axis (default -1, channels last as Flax; ``1`` for NCHW
+        as ``torch.nn.GroupNorm``).
+    """
 
     def __init__(
         self,
@@ -369,7 +576,19 @@ class GroupNorm(nnx.Module):
         self.promote_dtype = promote_dtype
 
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        """Normalizes ``x``; ``mask`` (boolean, broadcastable) excludes elements."""
+        """Normalizes ``x`` (formula above).
+
+        Args:
+          x: the input with its ``num_features`` channels on ``feature_axis``. Integers
+            are promoted to float32.
+          mask: boolean, broadcastable to ``x``; ``False`` elements do not count in the
+            statistics (they are still normalized, with the statistics of the others).
+            ``None`` (default): every element counts.
+
+        Returns:
+          ``y``, the shape of ``x``, in ``dtype`` (default: the promoted dtype of ``x`` and
+          the parameters).
+        """
         x, scale, bias = self.promote_dtype(
             (as_floating(x), _value(self.scale), _value(self.bias)), dtype=self.dtype
         )
@@ -383,9 +602,44 @@ class GroupNorm(nnx.Module):
 
 
 class InstanceNorm(nnx.Module):
-    """Instance normalization (Ulyanov et al. 2016), a drop-in for
+    r"""Instance normalization (Ulyanov et al. 2016), a drop-in for
     ``flax.nnx.InstanceNorm``: statistics per example and channel over every axis except 0
-    and ``feature_axes``."""
+    and ``feature_axes``,
+    :math:`y = (x - \mu_{n,c})/\sqrt{\sigma^2_{n,c} + \epsilon}\,\gamma_c + \beta_c`
+    (:func:`jaxnorm.instance_norm`).
+
+    Args:
+      num_features: the shape of ``scale`` and ``bias``: the size of ``x`` along
+        ``feature_axes`` (an int for one axis, a tuple for several).
+      epsilon: :math:`\epsilon` added to the variance (default 1e-6, as Flax; PyTorch's
+        is 1e-5).
+      dtype: the dtype of the computation: ``promote_dtype`` casts ``x``, ``scale`` and
+        ``bias`` to it and the output has it; default ``None``: their promoted dtype
+        (statistics are computed in at least float32 either way).
+      param_dtype: the dtype ``scale`` and ``bias`` are initialised in (default float32).
+      use_bias: learn the shift :math:`\beta` (the ``bias`` Param; default True). False:
+        ``bias`` is None and nothing is added.
+      use_scale: learn the gain :math:`\gamma` (the ``scale`` Param; default True). False:
+        ``scale`` is None, as when the next layer is linear and absorbs it.
+      bias_init: the initializer of ``bias``, called as ``bias_init(key, shape,
+        param_dtype)`` with a key from ``rngs.params()``; default zeros.
+      scale_init: the initializer of ``scale``, called likewise; default ones.
+      feature_axes: the channel axes (default -1; never the batch axis 0).
+      axis_name: the name of a mapped axis across which the statistics are combined
+        (a spatially sharded input), weighted by element counts; default None.
+      axis_index_groups: groups of indices within ``axis_name`` that combine separately,
+        as in ``lax.psum`` (``[[0, 1], [2, 3]]``: two pairs of devices); default None: all.
+      use_fast_variance: True: Flax's one-pass :math:`E[x^2] - E[x]^2`, which cancels when
+        :math:`|\mu| \gg \sigma`; default False: the two-pass :math:`E[(x - \mu)^2]`.
+      promote_dtype: Flax NNX's dtype hook, called as ``promote_dtype((x, scale, bias),
+        dtype=dtype)`` (an unused ``scale``/``bias`` as None) and returning the three
+        cast; default ``flax.nnx.nn.dtypes.promote_dtype``.
+      rngs: an ``nnx.Rngs`` (required, as in Flax); its ``params`` stream gives the keys
+        of ``scale_init`` and ``bias_init``.
+      bias_metadata: keyword arguments of the ``bias`` ``nnx.Param`` (e.g. sharding
+        annotations), as in Flax; default none.
+      scale_metadata: keyword arguments of the ``scale`` ``nnx.Param``, likewise.
+    """
 
     def __init__(
         self,
@@ -423,7 +677,20 @@ class InstanceNorm(nnx.Module):
         self.promote_dtype = promote_dtype
 
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        """Normalizes ``x``; ``mask`` (boolean, broadcastable) excludes elements."""
+        """Normalizes ``x`` (formula above).
+
+        Args:
+          x: the input, batch axis 0, channels (sizes ``num_features``) on
+            ``feature_axes`` and at least one other (spatial) axis, e.g. ``(N, H, W, C)``.
+            Integers are promoted to float32.
+          mask: boolean, broadcastable to ``x``; ``False`` elements do not count in the
+            statistics (they are still normalized, with the statistics of the others).
+            ``None`` (default): every element counts.
+
+        Returns:
+          ``y``, the shape of ``x``, in ``dtype`` (default: the promoted dtype of ``x`` and
+          the parameters).
+        """
         x, scale, bias = self.promote_dtype(
             (as_floating(x), _value(self.scale), _value(self.bias)), dtype=self.dtype
         )
@@ -435,8 +702,21 @@ class InstanceNorm(nnx.Module):
 
 
 class LocalResponseNorm(nnx.Module):
-    """Local response normalization across channels (Krizhevsky et al. 2012), as
-    ``torch.nn.LocalResponseNorm``; no parameters."""
+    r"""Local response normalization across channels (Krizhevsky et al. 2012), as
+    ``torch.nn.LocalResponseNorm``; no parameters.
+
+    :math:`b_c = a_c\,(k + \tfrac{\alpha}{n}\sum_{c'} a_{c'}^2)^{-\beta}`, the sum over the
+    window of :math:`n` channels around :math:`c`, zero-padded
+    (:func:`jaxnorm.local_response_norm`).
+
+    Args:
+      size: the window :math:`n`, in channels (a positive int; default 5, as PyTorch).
+      alpha: the multiplier :math:`\alpha`, divided by :math:`n` as in PyTorch (default
+        1e-4).
+      beta: the exponent :math:`\beta` (default 0.75).
+      k: the additive constant :math:`k` (default 1.0).
+      feature_axis: the channel axis (default -1; ``1`` for PyTorch's NCHW).
+    """
 
     def __init__(
         self,
@@ -453,6 +733,15 @@ class LocalResponseNorm(nnx.Module):
         self.feature_axis = feature_axis
 
     def __call__(self, x: Array) -> Array:
+        r"""Normalizes ``x`` by its neighbouring channels' squares (formula above).
+
+        Args:
+          x: the input :math:`a`, channels on ``feature_axis``; integers are promoted to
+            float32.
+
+        Returns:
+          ``b``, the shape and dtype of ``x`` (float32 for integer ``x``).
+        """
         return jaxnorm.local_response_norm(
             as_floating(x), size=self.size, alpha=self.alpha, beta=self.beta, k=self.k,
             feature_axis=self.feature_axis,
@@ -460,14 +749,36 @@ class LocalResponseNorm(nnx.Module):
 
 
 class AdaptiveInstanceNorm(nnx.Module):
-    """Adaptive instance normalization (Huang & Belongie 2017), called as
-    ``(content, style)``; no parameters."""
+    r"""Adaptive instance normalization (Huang & Belongie 2017), called as
+    ``(content, style)``; no parameters.
+
+    :math:`\mathrm{AdaIN}(c, s) = \sigma(s)\,(c - \mu(c))/\sigma(c) + \mu(s)` with
+    :math:`\sigma = \sqrt{\mathrm{var} + \epsilon}`, statistics per example and channel
+    (:func:`jaxnorm.adaptive_instance_norm`).
+
+    Args:
+      epsilon: :math:`\epsilon` in both standard deviations (default 1e-5).
+      feature_axes: the channel axes (default -1; never the batch axis 0); the statistics
+        are taken over every other axis except 0.
+    """
 
     def __init__(self, epsilon: float = 1e-5, feature_axes: Axes = -1):
         self.epsilon = epsilon
         self.feature_axes = feature_axes
 
     def __call__(self, content: Array, style: Array) -> Array:
+        """``content`` with the per-channel mean and standard deviation of ``style``.
+
+        Args:
+          content: the floating input :math:`c` whose statistics are replaced: batch axis
+            0, channels on ``feature_axes`` and at least one spatial axis.
+          style: the floating input :math:`s` whose statistics are imposed: the rank and
+            channels of ``content``, any spatial size, batch size that of ``content`` or 1
+            (one style for every example).
+
+        Returns:
+          The shape and dtype of ``content``.
+        """
         return jaxnorm.adaptive_instance_norm(
             content, style, feature_axes=self.feature_axes, eps=self.epsilon
         )
@@ -477,7 +788,27 @@ class ConditionalInstanceNorm(nnx.Module):
     r"""Conditional instance normalization (Dumoulin et al. 2017), called as ``(x, style_id)``:
     :math:`y = \gamma_s\,\mathrm{IN}(x) + \beta_s` with ``scale``/``bias`` of shape
     ``(num_styles, num_features)``; ``style_id`` is integer ids (scalar or ``(N,)``) or float
-    mixing weights ``(N, num_styles)``."""
+    mixing weights ``(N, num_styles)``.
+
+    Args:
+      num_features: the shape of one style's ``scale``/``bias``: the size of ``x`` along
+        ``feature_axes`` (an int for one axis, a tuple for several).
+      num_styles: the number of styles :math:`S`; ``scale`` and ``bias`` have shape
+        ``(S, *num_features)``, row :math:`s` holding :math:`\gamma_s`, :math:`\beta_s`.
+      epsilon: :math:`\epsilon` added to the variance (default 1e-6).
+      dtype: the output dtype; default None: the promoted dtype of ``x``, ``scale`` and
+        ``bias`` (statistics in at least float32 either way).
+      param_dtype: the dtype ``scale`` and ``bias`` are initialised in (default float32).
+      use_bias: learn the shifts :math:`\beta_s` (default True). False: ``bias`` is None.
+      use_scale: learn the gains :math:`\gamma_s` (default True). False: ``scale`` is
+        None.
+      bias_init: the initializer of ``bias``, called as ``bias_init(key, (S,
+        *num_features), param_dtype)`` with a key from ``rngs.params()``; default zeros.
+      scale_init: the initializer of ``scale``, called likewise; default ones.
+      feature_axes: the channel axes (default -1; never the batch axis 0).
+      rngs: an ``nnx.Rngs``; its ``params`` stream gives the keys of ``scale_init`` and
+        ``bias_init``.
+    """
 
     def __init__(
         self,
@@ -504,6 +835,26 @@ class ConditionalInstanceNorm(nnx.Module):
         self.feature_axes = feature_axes
 
     def __call__(self, x: Array, style_id: Array, *, mask: Array | None = None) -> Array:
+        r"""Normalizes ``x`` with the parameters of ``style_id``:
+        :math:`y = \gamma_s\,\mathrm{IN}(x) + \beta_s`.
+
+        Args:
+          x: the input, batch axis 0 (size :math:`N`), channels on ``feature_axes`` (sizes
+            ``num_features``) and at least one spatial axis. Integers are promoted to
+            float32.
+          style_id: integer style ids in ``[0, num_styles)``, a scalar (one style for the
+            batch) or shape ``(N,)``; or float mixing weights of shape
+            ``(N, num_styles)``, whose rows mix the styles' ``scale``/``bias`` linearly.
+            An id out of range raises ``ValueError`` eagerly and gives NaN outputs for
+            that example under ``jit``.
+          mask: boolean, broadcastable to ``x``; ``False`` elements do not count in the
+            statistics (they are still normalized, with the statistics of the others).
+            ``None`` (default): every element counts.
+
+        Returns:
+          ``y``, the shape of ``x``, in ``dtype`` (default: the promoted dtype of ``x`` and
+          the parameters).
+        """
         return jaxnorm.conditional_instance_norm(
             as_floating(x), style_id, _value(self.scale), _value(self.bias),
             feature_axes=self.feature_axes, eps=self.epsilon, mask=mask, dtype=self.dtype,

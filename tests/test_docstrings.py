@@ -29,57 +29,7 @@ from public_api import (
 
 # name -> the parameters its docstrings do not document yet (space-separated)
 _KNOWN_UNDOCUMENTED_BY_NAME = {
-    "jaxnorm.BatchMoments": "count groups mean var",
     "jaxnorm.Renorm": "d_max r_max running_mean running_var",
-    "jaxnorm.RunningStatistics": "count mean var",
-    "jaxnorm.linen.AdaptiveInstanceNorm.__call__": "content style",
-    "jaxnorm.linen.ConditionalInstanceNorm.__call__": "mask style_id x",
-    "jaxnorm.linen.GroupNorm.__call__": "mask x",
-    "jaxnorm.linen.InstanceNorm.__call__": "mask x",
-    "jaxnorm.linen.LayerNorm.__call__": "mask x",
-    "jaxnorm.linen.LocalResponseNorm.__call__": "x",
-    "jaxnorm.linen.RMSNorm.__call__": "mask x",
-    "jaxnorm.merge_moments": "first second",
-    "jaxnorm.nnx.AdaptiveInstanceNorm": "epsilon feature_axes",
-    "jaxnorm.nnx.AdaptiveInstanceNorm.__call__": "(docstring) content style",
-    "jaxnorm.nnx.BatchNorm": (
-        "axis axis_index_groups axis_name bias_init bias_metadata dtype epsilon momentum "
-        "num_features param_dtype promote_dtype rngs scale_init scale_metadata "
-        "unbiased_running_var use_bias use_fast_variance use_running_average use_scale "
-        "virtual_batch_size"
-    ),
-    "jaxnorm.nnx.BatchRenorm": "batch_norm_kwargs d_max num_features r_max rngs",
-    "jaxnorm.nnx.ConditionalInstanceNorm": (
-        "bias_init dtype epsilon feature_axes num_features num_styles param_dtype rngs "
-        "scale_init use_bias use_scale"
-    ),
-    "jaxnorm.nnx.ConditionalInstanceNorm.__call__": "(docstring) mask style_id x",
-    "jaxnorm.nnx.GroupNorm": (
-        "axis_index_groups axis_name bias_init bias_metadata dtype epsilon feature_axis "
-        "group_size num_features num_groups param_dtype promote_dtype reduction_axes rngs "
-        "scale_init scale_metadata use_bias use_fast_variance use_scale"
-    ),
-    "jaxnorm.nnx.GroupNorm.__call__": "mask x",
-    "jaxnorm.nnx.InstanceNorm": (
-        "axis_index_groups axis_name bias_init bias_metadata dtype epsilon feature_axes "
-        "num_features param_dtype promote_dtype rngs scale_init scale_metadata use_bias "
-        "use_fast_variance use_scale"
-    ),
-    "jaxnorm.nnx.InstanceNorm.__call__": "mask x",
-    "jaxnorm.nnx.LayerNorm": (
-        "axis_index_groups axis_name bias_init bias_metadata dtype epsilon feature_axes "
-        "num_features param_dtype promote_dtype reduction_axes rngs scale_init scale_metadata "
-        "use_bias use_fast_variance use_scale"
-    ),
-    "jaxnorm.nnx.LayerNorm.__call__": "mask x",
-    "jaxnorm.nnx.LocalResponseNorm": "alpha beta feature_axis k size",
-    "jaxnorm.nnx.LocalResponseNorm.__call__": "(docstring) x",
-    "jaxnorm.nnx.RMSNorm": (
-        "axis_index_groups axis_name dtype epsilon feature_axes num_features param_dtype "
-        "promote_dtype reduction_axes rngs scale_init scale_metadata use_fast_variance "
-        "use_scale"
-    ),
-    "jaxnorm.nnx.RMSNorm.__call__": "mask x",
 }
 KNOWN_UNDOCUMENTED = frozenset(
     (name, parameter)
