@@ -151,7 +151,7 @@ def batch_norm(
     eps: float = 1e-5, mask: Array | None = None, axis_name: Any = None,
     axis_index_groups: Any = None, dtype: Any = None, virtual_batch_size: int | None = None,
     renorm: Renorm | None = None, fast_variance: bool = False,
-    allow_single_value: bool = False, return_moments: bool = False,
+    allow_single_value: bool = False, return_moments: bool = False, pivot: Array | None = None,
 ) -> tuple[Array, Array, Array] | tuple[Array, BatchMoments]:
     r"""Training-mode batch normalization: statistics over every axis except ``axis``.
 
@@ -176,6 +176,11 @@ def batch_norm(
         Flax's modules do; by default it raises ``ValueError``.
       return_moments: return ``(y, BatchMoments)`` (with counts, for
         :func:`jaxnorm.update_running_statistics`) instead of ``(y, mean, var)``.
+      pivot: with ``axis_name``, a value of feature shape that every member holds, e.g.
+        the replicated running mean (the modules pass it): the statistics are then one
+        ``psum`` of sums of :math:`x - p`, accurate while :math:`|\mu_B - p|/\sigma_B` is
+        moderate. Without it the members agree on a data pivot and merge their own
+        statistics exactly (three collectives, robust to outliers).
 
     Returns:
       ``(y, mean, var)``: the biased batch mean and variance in feature shape, at least
@@ -199,9 +204,11 @@ def batch_norm(
     if not allow_single_value:
         _check_spread(grouping, stats_axis is not None, x, axis, virtual_batch_size)
     spec = NormSpec(grouping.reduction, spec_eps, spec_dtype, True, fast_variance)
+    if pivot is not None and stats_axis is not None:
+        pivot, _ = feature_parameters(x, pivot, None, features, names=("pivot", ""))
     y, mean, var, count = _normalize_groups(
         grouping, scale, bias, spec, _expanded_renorm(renorm, x, features), stats_axis,
-        axis_index_groups, traced_eps, ghost,
+        axis_index_groups, traced_eps, ghost, None if stats_axis is None else pivot,
     )
     moments = _batch_moments(grouping, mean, var, count, axis_name, axis_index_groups, ghost)
     if return_moments:
@@ -212,7 +219,7 @@ def batch_norm(
 def _normalize_groups(
     grouping: _Grouping, scale: Array | None, bias: Array | None, spec: NormSpec,
     renorm: Renorm | None, axis_name: Any, axis_index_groups: Any, traced_eps: Any,
-    ghost: bool,
+    ghost: bool, pivot: Array | None = None,
 ) -> tuple[Array, Array, Array, Array]:
     """Normalizes the (grouped) batch: the dispatcher does plain BatchNorm; renormalization
     first takes the statistics, then corrects the parameters with them. Feature-shaped
@@ -224,12 +231,12 @@ def _normalize_groups(
 
     scale, bias = grouped(scale), grouped(bias)
     kwargs = {"mask": grouping.mask, "axis_name": axis_name,
-                  "axis_index_groups": axis_index_groups, "eps": traced_eps}
+              "axis_index_groups": axis_index_groups, "eps": traced_eps, "pivot": pivot}
     if renorm is None:
         return normalize_over(grouping.x, scale, bias, spec, **kwargs)
     mean, var, count = moments_and_count(
         grouping.x, spec.reduction, mask=grouping.mask, axis_name=axis_name,
-        axis_index_groups=axis_index_groups, fast_variance=spec.fast_variance,
+        axis_index_groups=axis_index_groups, fast_variance=spec.fast_variance, pivot=pivot,
     )
     renorm = renorm._replace(running_mean=grouped(renorm.running_mean),
                              running_var=grouped(renorm.running_var))
@@ -244,7 +251,8 @@ def _expanded_renorm(renorm: Renorm | None, x: Array, features: tuple[int, ...])
     if renorm is None:
         return None
     running_mean, running_var = feature_parameters(
-        x, renorm.running_mean, renorm.running_var, features
+        x, renorm.running_mean, renorm.running_var, features,
+        names=("renorm.running_mean", "renorm.running_var"),
     )
     return renorm._replace(running_mean=running_mean, running_var=running_var)
 

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxnorm._affine import NormSpec, compute_dtype, standardize
-from jaxnorm._stats import element_count, moments
+from jaxnorm._axes import check_floating
+from jaxnorm._stats import element_count, shifted_moments, statistics_dtype
 
 Array = jax.Array
 
@@ -59,26 +60,27 @@ def normalize_with_statistics(
 
 def _forward(
     x: Array, scale: Array | None, bias: Array | None, mask: Array | None, spec: NormSpec
-) -> tuple[tuple[Array, Array, Array], Array]:
-    r"""The outputs and :math:`r = (\sigma^2 + \epsilon)^{-1/2}` (for the tangent); a set
-    with nothing counted gets :math:`r = 0` and outputs exactly ``bias``."""
-    mean, var = moments(
-        x,
-        spec.reduction,
-        mask=mask,
-        keepdims=True,
-        centered=spec.centered,
-        fast_variance=spec.fast_variance,
-    )
+) -> tuple[tuple[Array, Array, Array], tuple[Array, Array]]:
+    r"""The outputs, and ``(mean, r)`` for the tangent, with
+    :math:`r = (\sigma^2 + \epsilon)^{-1/2}`; a set with nothing counted gets
+    :math:`r = 0` and outputs exactly ``bias``."""
+    x = check_floating(x)
     compute = compute_dtype(x.dtype, spec.dtype)
-    rstd = lax.rsqrt(var.astype(compute) + jnp.asarray(spec.eps, compute))
+    stats = shifted_moments(
+        x.astype(statistics_dtype(x.dtype)), spec.reduction, mask,
+        centered=spec.centered, fast_variance=spec.fast_variance,
+    )
+    mean = stats.mean.astype(compute)
+    rstd = lax.rsqrt(stats.var.astype(compute) + jnp.asarray(spec.eps, compute))
     counted = None
     if mask is not None:
-        counted = element_count(x.shape, spec.reduction, mask, compute) > 0
+        counted = stats.count > 0
         rstd = jnp.where(counted, rstd, 0)
     multiplier = rstd if scale is None else rstd * scale.astype(compute)
+    # x - mean, not (x - pivot) - offset: a difference shared with the statistics' pass
+    # would be stored full-size by XLA (GPU) instead of recomputed in each kernel
     y = standardize(x, mean if spec.centered else None, multiplier, bias, spec.dtype, counted)
-    return (y, mean, var), rstd
+    return (y, stats.mean, stats.var), (mean, rstd)
 
 
 class _Linearization(NamedTuple):
@@ -93,6 +95,11 @@ class _Linearization(NamedTuple):
     dx_counted: Array  # dx with masked positions zeroed, in the compute dtype
     mask: Array | None
 
+    def centred(self, x: Array, mean: Array, centered: bool) -> Array:
+        r""":math:`x - \mu` in the compute dtype (``x`` itself without centring)."""
+        x = x.astype(self.rstd.dtype)
+        return x - mean if centered else x
+
 
 def _tangent(
     spec: NormSpec, primals: tuple[Any, ...], tangents: tuple[Any, ...]
@@ -104,11 +111,11 @@ def _tangent(
     RMSNorm)."""
     x, scale, bias, mask = primals
     dx, dscale, dbias, _ = tangents
-    (y, mean, var), rstd = _forward(x, scale, bias, mask, spec)
+    (y, mean, var), (compute_mean, rstd) = _forward(x, scale, bias, mask, spec)
     compute = rstd.dtype
     count = jnp.maximum(element_count(x.shape, spec.reduction, mask, compute), 1)
     dx_counted = dx.astype(compute) if mask is None else jnp.where(mask, dx, 0).astype(compute)
-    lin = _Linearization(x, scale, mean, rstd, count, dx, dx_counted, mask)
+    lin = _Linearization(x, scale, compute_mean, rstd, count, dx, dx_counted, mask)
     dscale = None if scale is None else _as_compute(dscale, compute)
     dbias = None if bias is None else _as_compute(dbias, compute)
     parameter = scale if scale is not None else bias
@@ -131,8 +138,7 @@ def _tangent_per_set(
     sums, :math:`\sum \bar y\hat x` and :math:`\sum \bar y`, shared by the parameter
     gradients and the gradient through the statistics."""
     compute = lin.rstd.dtype
-    x_c = lin.x.astype(compute)
-    x_hat = (x_c - lin.mean.astype(compute) if spec.centered else x_c) * lin.rstd
+    x_hat = lin.centred(lin.x, lin.mean, spec.centered) * lin.rstd
     m2 = jnp.sum(_counted(x_hat * lin.dx_counted, lin.mask), axis=spec.reduction,
                  keepdims=True) / lin.count
     a = lin.rstd if lin.scale is None else lin.rstd * lin.scale.astype(compute)
@@ -148,28 +154,39 @@ def _tangent_per_set(
     return dy, m1, 2 * m2 / lin.rstd
 
 
+def _views(values: tuple[Any, ...], copies: int) -> tuple[tuple[Any, ...], ...]:
+    """``copies`` views of ``values``. On CPU each is barrier-separated: XLA:CPU stores any
+    full-size value that several fusions share as an array of its own, while separate views
+    make every fusion recompute it from ``x`` as it streams (LayerNorm forward+backward
+    measured ~1.5x faster). Elsewhere (GPU, TPU) the barrier would only block fusion."""
+
+    def separated(values: tuple[Any, ...]) -> tuple[tuple[Any, ...], ...]:
+        # one barrier per value (not per tuple), so a replicated value stays replicated
+        # under shard_map
+        per_value = [None if v is None else lax.optimization_barrier((v,) * copies)
+                     for v in values]
+        return tuple(tuple(None if v is None else v[i] for v in per_value)
+                     for i in range(copies))
+
+    return lax.platform_dependent(
+        values, cpu=separated, default=lambda values: (values,) * copies
+    )
+
+
 def _tangent_per_element(
     lin: _Linearization, dscale: Array | None, dbias: Array | None, spec: NormSpec
 ) -> tuple[Array, Array, Array]:
     r"""The same linearization when the parameters vary along every reduction axis
     (LayerNorm, RMSNorm): there the coefficients would be full-size, so the tangent is
     formed term by term, :math:`\dot y = a\dot x - a\,(m_1 + \hat x\, m_2) + \hat x
-    \dot\gamma + \dot\beta` with :math:`a = r\gamma`.
-
-    XLA:CPU stores any full-size value that several fusions share (``x - mu``, the
-    broadcasts of ``r`` and ``gamma``) as an array of its own. Each group of consumers
-    therefore gets its own barrier-separated view of ``(x, mu, r, gamma)``: in the
-    transpose (reverse mode) every fusion recomputes :math:`\hat x` from ``x`` while it
-    streams it (LayerNorm forward+backward measured ~1.5x faster, RMSNorm ~1.2x).
-    """
+    \dot\gamma + \dot\beta` with :math:`a = r\gamma`, each group of consumers reading its
+    own view of ``(x, mu, r, gamma)`` (:func:`_views`)."""
     compute = lin.rstd.dtype
-    views = lax.optimization_barrier(((lin.x, lin.mean, lin.rstd, lin.scale),) * 3)
+    views = _views((lin.x, lin.mean, lin.rstd, lin.scale), 3)
 
     def centred_and_slope(view: tuple[Any, ...]) -> tuple[Array, Array, Array]:
         x_view, mean_view, rstd_view, scale_view = view
-        centred_x = x_view.astype(compute)
-        if spec.centered:
-            centred_x = centred_x - mean_view.astype(compute)
+        centred_x = lin.centred(x_view, mean_view, spec.centered)
         slope = rstd_view if scale_view is None else rstd_view * scale_view.astype(compute)
         return centred_x, rstd_view, slope
 

@@ -33,6 +33,7 @@ def normalize_over(
     mean: Array | None = None,
     var: Array | None = None,
     count: Array | None = None,
+    pivot: Array | None = None,
 ) -> tuple[Array, Array, Array, Array | None]:
     r"""``(y, mean, var, count)``: ``x`` normalized over ``spec.reduction``.
 
@@ -50,6 +51,9 @@ def normalize_over(
       mean: given statistics (keepdims, with ``var``): no statistics are computed.
       var: given variance, with ``mean``.
       count: with given statistics, the number of elements they count (keepdims), or None.
+      pivot: across ``axis_name``, a shift every member shares (keepdims or broadcastable),
+        e.g. the replicated running mean: the statistics then take one ``psum``
+        (:func:`jaxnorm._stats.shifted_moments`).
 
     Returns:
       ``y`` in ``spec.dtype``; ``mean``/``var`` keep the reduced axes, at least float32;
@@ -64,7 +68,7 @@ def normalize_over(
         mean, var, count = moments_and_count(
             x, spec.reduction, mask=mask, axis_name=axis_name,
             axis_index_groups=axis_index_groups, centered=spec.centered,
-            fast_variance=spec.fast_variance,
+            fast_variance=spec.fast_variance, pivot=pivot if axis_name is not None else None,
         )
     eps = spec.eps if eps is None else eps
     compute = compute_dtype(x.dtype, spec.dtype)

@@ -29,13 +29,14 @@ Array = jax.Array
 
 
 def feature_parameters(
-    x: Array, scale: Any, bias: Any, features: tuple[int, ...]
+    x: Array, scale: Any, bias: Any, features: tuple[int, ...],
+    names: tuple[str, str] = ("scale", "bias"),
 ) -> tuple[Array | None, Array | None]:
-    """``scale`` and ``bias`` checked against the feature shape of ``x`` and reshaped to
-    broadcast against it (``None`` stays ``None``)."""
+    """``scale`` and ``bias`` checked against the feature shape of ``x`` (errors name them
+    as ``names``) and reshaped to broadcast against it (``None`` stays ``None``)."""
     shape = feature_shape(x.shape, features)
-    scale = check_shape(scale, shape, "scale")
-    bias = check_shape(bias, shape, "bias")
+    scale = check_shape(scale, shape, names[0])
+    bias = check_shape(bias, shape, names[1])
     return tuple(  # type: ignore[return-value]
         None if p is None else expand_to_rank(p, x.ndim, features) for p in (scale, bias)
     )

@@ -5,25 +5,34 @@ with weights :math:`w_i \in \{0, 1\}` (the mask), :math:`n = \sum_S w_i`,
 
 .. math::
     \mu = \frac{1}{n}\sum_S w_i x_i,\qquad
-    \sigma^2 = \frac{1}{n}\sum_S w_i (x_i - \mu)^2,
+    \sigma^2 = \frac{1}{n}\sum_S w_i (x_i - \mu)^2.
 
-the two-pass statistics, with the mean refined by a correction pass where it matters
-(:func:`_refined_two_pass`), so a constant set gives exactly :math:`\mu = x`,
-:math:`\sigma^2 = 0` (and a normalized output of exactly ``bias``). No
-:math:`E[x^2]-E[x]^2` cancellation (Chan, Golub & LeVeque 1983);
-:func:`_local_moments` explains how this costs one pass where it matters.
+Computed in one pass over the data as sums of :math:`d_i = x_i - p`, shifted by a pivot
+:math:`p` taken from the set itself (its first element):
 
-Across a mapped axis (``axis_name``) the members agree on a pivot from the data (``pmax``),
-each computes these statistics of its own ``x - pivot``, and :func:`_combine_across` merges
-them with Chan et al.'s parallel formula: the result is
-the statistics of the concatenated batch, stable however far apart the members' data lie,
-and exact when members hold different numbers of unmasked elements.
+.. math::
+    \mu = p + \bar d,\qquad \sigma^2 = \overline{d^2} - \bar d^2 .
+
+The shift removes the :math:`E[x^2]-E[x]^2` cancellation (Chan, Golub & LeVeque 1983):
+the rounding error of :math:`\sigma^2` is :math:`(1 + (\mu - p)^2/\sigma^2)\,\delta` for a
+relative error :math:`\delta` of the sums, and :math:`p` is a sample of the data, so
+:math:`(\mu-p)^2/\sigma^2` is of order one however large :math:`|\mu|/\sigma`; and
+:math:`x - p` is exact for :math:`x` near :math:`p` (Sterbenz). A constant set gives
+:math:`d = 0`: exactly :math:`\mu = x`, :math:`\sigma^2 = 0` (so a normalized output of
+exactly ``bias``). One fused pass on every backend, no branch. Under a mask the first
+element may be masked out (and hold anything), so masked sets take two passes (the mean,
+then the centred squares) instead.
+
+Across a mapped axis (``axis_name``) every member shifts by the same pivot (given, e.g.
+the replicated running mean, or agreed on with one ``pmax`` of the members' first counted
+elements) and one ``psum`` adds the members' :math:`(n, \sum d, \sum d^2)`: the
+statistics of the concatenated batch, exact for unequal (masked) counts.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,84 +56,62 @@ def element_count(
     return jnp.sum(mask, axis=axes, keepdims=True, dtype=dtype)
 
 
-# Largest mean² / var for which the one-pass variance is used locally: its rounding error
-# is then at most (1 + this) times that of the two-pass formula's (see _local_moments).
-ONE_PASS_CONDITION_LIMIT = 16.0
+class ShiftedMoments(NamedTuple):
+    """Statistics (keepdims) with their pivot: ``mean = pivot + offset``.
 
-
-def _centred_mean_square(
-    x: jax.Array, mean: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, count: jax.Array
-) -> jax.Array:
-    r""":math:`\frac1n\sum w_i (x_i - \mu)^2`, the second pass of the two-pass variance."""
-    deviation = x - mean
-    if mask is not None:
-        deviation = jnp.where(mask, deviation, 0)
-    return jnp.sum(deviation * deviation, axis=axes, keepdims=True) / count
-
-
-def _refined_two_pass(
-    x: jax.Array, mean: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, count: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    r"""The mean refined by one correction pass, :math:`\mu = m + \frac1n\sum w_i (x_i - m)`
-    (which removes the rounding of the first-pass mean :math:`m`, so a constant set gets
-    exactly :math:`\mu = x` and a normalized output of exactly ``bias``), then
-    :math:`\sigma^2 = \frac1n\sum w_i (x_i - \mu)^2`."""
-    deviation = x - mean
-    if mask is not None:
-        deviation = jnp.where(mask, deviation, 0)
-    mean = mean + jnp.sum(deviation, axis=axes, keepdims=True) / count
-    return mean, _centred_mean_square(x, mean, axes, mask, count)
-
-
-def _local_moments(
-    x: jax.Array,
-    axes: tuple[int, ...],
-    mask: jax.Array | None,
-    fast_variance: bool = False,
-    refine_mean: bool = True,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    r"""``(mean, var, count)`` on one device (keepdims), with two-pass accuracy.
-
-    When a reduction set is contiguous in memory (the minor axes: LayerNorm) XLA fuses
-    the passes and the normalization into one loop over each row in cache, so the two-pass
-    variance costs no more than one pass; for float32/float64 inputs the mean is refined
-    by one more pass (:func:`_refined_two_pass`: exact for constant rows). When the set is
-    strided (BatchNorm, InstanceNorm, GroupNorm) each pass is a sweep over ``x`` that must
-    wait for the previous one. There, :math:`E[x]` and :math:`E[x^2]` are summed in one
-    sweep and :math:`\sigma^2 = E[x^2] - \mu^2` is kept when every set has :math:`\mu^2
-    \le 16 \sigma^2`: the formula's rounding error is :math:`(E[x^2]/\sigma^2)\,\delta
-    \le 17\,\delta` for a relative error :math:`\delta` of the sums, against
-    :math:`\delta` for two passes. Otherwise (the cancellation case: large offsets,
-    constant inputs) ``lax.cond`` runs the refined two passes. Measurements in
-    ``benchmarks/RESULTS.md``.
-    ``fast_variance`` keeps :math:`E[x^2] - \mu^2` unconditionally (Flax's fast variance).
+    Args:
+      pivot: the shift :math:`p` (no gradient), or 0.
+      offset: :math:`\\bar d`, the mean of ``x - pivot``.
+      var: the biased variance.
+      count: the number of counted elements (over every member).
     """
-    count = element_count(x.shape, axes, mask, x.dtype)
+
+    pivot: jax.Array
+    offset: jax.Array
+    var: jax.Array
+    count: jax.Array
+
+    @property
+    def mean(self) -> jax.Array:
+        return self.pivot + self.offset
+
+
+def _first_elements(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """The first element of every reduction set (keepdims), without gradient. Behind a
+    barrier: a slice fused into ``x - pivot`` would make that shared difference too costly
+    for XLA to recompute in each consumer, and it would store it full-size instead."""
+    first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
+    return lax.optimization_barrier(lax.stop_gradient(x[first]))
+
+
+def _shifted_sums(
+    x: jax.Array, pivot: jax.Array, axes: tuple[int, ...], mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(n, sum d, sum d^2)`` of ``d = x - pivot`` over the counted elements, one pass."""
+    d = x - pivot
+    if mask is not None:
+        d = jnp.where(mask, d, 0)
+    count = jnp.broadcast_to(element_count(x.shape, axes, mask, x.dtype), pivot.shape)
+    return count, jnp.sum(d, axis=axes, keepdims=True), jnp.sum(d * d, axis=axes, keepdims=True)
+
+
+def _from_sums(pivot: jax.Array, count: jax.Array, first: jax.Array, second: jax.Array
+               ) -> ShiftedMoments:
     safe_count = jnp.maximum(count, 1)
+    offset = first / safe_count
+    return ShiftedMoments(pivot, offset, jnp.maximum(second / safe_count - offset * offset, 0),
+                          count)
+
+
+def _two_pass(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> ShiftedMoments:
+    """The mean, then the centred squares (masked sets: their first element may not
+    count). ``pivot`` is the mean."""
     weighted = x if mask is None else jnp.where(mask, x, 0)
-    mean = jnp.sum(weighted, axis=axes, keepdims=True) / safe_count
-    if axes == tuple(range(x.ndim - len(axes), x.ndim)) and not fast_variance:
-        if refine_mean:
-            mean, var = _refined_two_pass(x, mean, axes, mask, safe_count)
-        else:
-            var = _centred_mean_square(x, mean, axes, mask, safe_count)
-        return mean, var, count
-    # masked positions reach no sum (0 * NaN would be NaN)
-    mean_square = jnp.sum(weighted * weighted, axis=axes, keepdims=True) / safe_count
-    one_pass = jnp.maximum(mean_square - mean * mean, 0)
-    if fast_variance:
-        return mean, one_pass, count
-    well_conditioned = jnp.all(mean * mean <= ONE_PASS_CONDITION_LIMIT * one_pass)
-    mean, var = lax.cond(
-        well_conditioned,
-        lambda x, mask, mean, one_pass: (mean, one_pass),
-        lambda x, mask, mean, one_pass: _refined_two_pass(x, mean, axes, mask, safe_count),
-        x,
-        mask,
-        mean,
-        one_pass,
-    )
-    return mean, var, count
+    count = element_count(x.shape, axes, mask, x.dtype)
+    mean = jnp.sum(weighted, axis=axes, keepdims=True) / jnp.maximum(count, 1)
+    _, offset_sum, spread = _shifted_sums(x, mean, axes, mask)
+    count = jnp.broadcast_to(count, mean.shape)
+    return _from_sums(mean, count, offset_sum, spread)
 
 
 def _agreed_pivot(
@@ -136,11 +123,9 @@ def _agreed_pivot(
 ) -> jax.Array:
     r"""A data value every member agrees on (keepdims, no gradient): the largest of the
     members' first elements (under a mask: of their largest counted elements); 0 when
-    nothing is counted anywhere. Statistics of ``x - pivot`` keep full precision in the
-    members' offsets however large :math:`|\mu|/\sigma`."""
+    nothing is counted anywhere."""
     if mask is None:
-        first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
-        pivot = x[first]
+        pivot = _first_elements(x, axes)
     else:
         pivot = jnp.max(jnp.where(mask, x, -jnp.inf), axis=axes, keepdims=True)
     # stop_gradient first: pmax has no differentiation rule (the statistics do not depend
@@ -149,30 +134,86 @@ def _agreed_pivot(
     return lax.stop_gradient(jnp.where(jnp.isfinite(pivot), pivot, 0))
 
 
-def _combine_across(
-    mean: jax.Array,
-    var: jax.Array,
-    count: jax.Array,
-    axis_name: Any,
-    axis_index_groups: Any,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    r"""The statistics of the concatenated batch from each member's ``(mean, var, count)``
-    (Chan et al. 1979), with :math:`N = \sum_d n_d`:
+# Largest offset² / var (offset: mean - pivot) for which the shifted one-pass variance is
+# kept on CPU: its rounding error is then at most 17 times that of two passes.
+ONE_PASS_CONDITION_LIMIT = 16.0
 
-    .. math::
-        \mu = \frac1N \sum_d n_d \mu_d,\qquad
-        \sigma^2 = \frac1N \sum_d n_d \big(\sigma_d^2 + (\mu_d - \mu)^2\big).
 
-    No cancellation, exact for unequal counts (members with nothing counted add nothing).
-    Two small collectives on statistics-sized arrays.
-    """
-    count = jnp.broadcast_to(count, mean.shape)
-    total, weighted = lax.psum((count, count * mean), axis_name, axis_index_groups=axis_index_groups)
+def _guarded(x: jax.Array, axes: tuple[int, ...], moments: ShiftedMoments) -> ShiftedMoments:
+    """On CPU, the shifted one-pass moments unless some set's pivot lies more than four
+    standard deviations from its mean (an outlier as first element); then ``lax.cond``
+    recomputes with two passes. Elsewhere the moments as they are: a branch around
+    full-size data blocks fusion on GPU and TPU."""
+
+    def checked(moments: ShiftedMoments) -> ShiftedMoments:
+        offset, var = moments.offset, moments.var
+        well_conditioned = jnp.all(offset * offset <= ONE_PASS_CONDITION_LIMIT * var)
+        return lax.cond(well_conditioned, lambda: moments, lambda: _two_pass(x, axes, None))
+
+    return lax.platform_dependent(moments, cpu=checked, default=lambda moments: moments)
+
+
+def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None
+                  ) -> ShiftedMoments:
+    """One device's statistics: shifted by each set's first element in one pass
+    (:func:`_guarded`), or two passes under a mask."""
+    if mask is not None:
+        return _two_pass(x, axes, mask)
+    pivot = _first_elements(x, axes)
+    return _guarded(x, axes, _from_sums(pivot, *_shifted_sums(x, pivot, axes, None)))
+
+
+def _combine_across(moments: ShiftedMoments, axis_name: Any, axis_index_groups: Any
+                    ) -> ShiftedMoments:
+    r"""The statistics of the concatenated batch from each member's (Chan et al. 1979),
+    with :math:`N = \sum_d n_d` and members' means :math:`o_d` relative to a shared pivot:
+    :math:`o = \frac1N \sum_d n_d o_d`,
+    :math:`\sigma^2 = \frac1N \sum_d n_d (\sigma_d^2 + (o_d - o)^2)`. No cancellation,
+    exact for unequal counts; two collectives."""
+    count = jnp.broadcast_to(moments.count, moments.offset.shape)
+    total, weighted = lax.psum((count, count * moments.offset), axis_name,
+                               axis_index_groups=axis_index_groups)
     safe_total = jnp.maximum(total, 1)
-    global_mean = weighted / safe_total
-    spread = jnp.where(count > 0, count * (var + jnp.square(mean - global_mean)), 0)
-    global_var = lax.psum(spread, axis_name, axis_index_groups=axis_index_groups) / safe_total
-    return global_mean, global_var, total
+    offset = weighted / safe_total
+    spread = jnp.where(count > 0, count * (moments.var + jnp.square(moments.offset - offset)), 0)
+    var = lax.psum(spread, axis_name, axis_index_groups=axis_index_groups) / safe_total
+    return ShiftedMoments(moments.pivot, offset, var, total)
+
+
+def shifted_moments(
+    x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = None, *,
+    axis_name: Any = None, axis_index_groups: Any = None, pivot: jax.Array | None = None,
+    centered: bool = True, fast_variance: bool = False,
+) -> ShiftedMoments:
+    r"""The statistics of a floating ``x`` already in the statistics dtype, with canonical
+    ``axes`` and a full-shape boolean ``mask`` (module docstring).
+
+    Across ``axis_name`` with a ``pivot`` (keepdims, the same on every member, e.g. the
+    replicated running mean): one ``psum`` of shifted sums, accurate while
+    :math:`|\mu - p| / \sigma` is moderate. Without one: the members agree on a data pivot
+    (``pmax``), compute :func:`local_moments` of ``x - pivot`` and merge them exactly
+    (:func:`_combine_across`), robust to outliers at the price of three collectives.
+    ``centered=False`` gives mean 0 and :math:`E[x^2]`; ``fast_variance`` Flax's unshifted
+    one-pass formula; both one ``psum``."""
+    if centered and not fast_variance and pivot is None:
+        if axis_name is None:
+            return local_moments(x, axes, mask)
+        pivot = _agreed_pivot(x, axes, mask, axis_name, axis_index_groups)
+        local = local_moments(x - pivot, axes, mask)
+        # each member's mean relative to the shared pivot, then merged
+        local = local._replace(pivot=pivot, offset=local.mean)
+        return _combine_across(local, axis_name, axis_index_groups)
+    if not centered or fast_variance:
+        pivot = jnp.zeros(tuple(1 if a in axes else n for a, n in enumerate(x.shape)), x.dtype)
+    pivot = lax.stop_gradient(jnp.broadcast_to(pivot, _first_elements(x, axes).shape))
+    sums = _shifted_sums(x, pivot.astype(x.dtype), axes, mask)
+    if axis_name is not None:
+        sums = lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
+    moments = _from_sums(pivot.astype(x.dtype), *sums)
+    if not centered:
+        return moments._replace(offset=jnp.zeros_like(moments.offset),
+                                var=sums[2] / jnp.maximum(sums[0], 1))
+    return moments
 
 
 def moments(
@@ -219,71 +260,20 @@ def moments(
 def moments_and_count(
     x: jax.Array, axes: Axes, *, mask: jax.Array | None = None, axis_name: Any = None,
     axis_index_groups: Any = None, centered: bool = True, fast_variance: bool = False,
+    pivot: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`moments` (keepdims) with the number of counted elements of each set, summed
     over ``axis_name``: what the dispatcher needs to give fully masked sets ``bias``."""
     x = check_floating(x, allow_complex=True)
-    input_dtype = x.dtype
     axes = canonicalize_axes(axes, x.ndim, "axes")
     mask = broadcast_mask(mask, x.shape)
     x = x.astype(statistics_dtype(x.dtype))
     if jnp.iscomplexobj(x):
         return _complex_moments(x, axes, mask, axis_name, axis_index_groups)
-    if centered and not fast_variance:
-        # Half-precision values summed in float32 are exact multiples (a constant set of up
-        # to 2**13 float16 / 2**16 bfloat16 values has an exact sum), so their first-pass
-        # mean is already exact for constant sets; only wider inputs need the refinement.
-        refine = jnp.dtype(input_dtype).itemsize >= 4
-        return _stable_moments(x, axes, mask, axis_name, axis_index_groups, refine)
-    if centered and axis_name is None:
-        return _local_moments(x, axes, mask, fast_variance=True)
-    return _summed_moments(x, axes, mask, axis_name, axis_index_groups, centered)
-
-
-def _stable_moments(
-    x: jax.Array,
-    axes: tuple[int, ...],
-    mask: jax.Array | None,
-    axis_name: Any,
-    axis_index_groups: Any,
-    refine_mean: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Two-pass-accurate moments (keepdims); across ``axis_name``, each member's statistics
-    of ``x - pivot`` (a shared data value) merged with Chan's formula: the members' offsets
-    from each other keep full precision, and a constant input (pivot = the constant) stays
-    exact."""
-    if axis_name is None:
-        return _local_moments(x, axes, mask, refine_mean=refine_mean)
-    pivot = _agreed_pivot(x, axes, mask, axis_name, axis_index_groups)
-    mean, var, count = _local_moments(x - pivot, axes, mask)
-    mean, var, total = _combine_across(mean, var, count, axis_name, axis_index_groups)
-    return mean + pivot, var, total
-
-
-def _summed_moments(
-    x: jax.Array,
-    axes: tuple[int, ...],
-    mask: jax.Array | None,
-    axis_name: Any,
-    axis_index_groups: Any,
-    centered: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    r""":math:`E[x]` and :math:`E[x^2]` summed (with one ``psum`` across members), keepdims:
-    RMSNorm's statistic (``centered=False``: mean 0, var :math:`E[x^2]`) and Flax's fast
-    variance :math:`E[x^2] - \mu^2`."""
-    weighted = x if mask is None else jnp.where(mask, x, 0)
-    count = element_count(x.shape, axes, mask, x.dtype)
-    first = jnp.sum(weighted, axis=axes, keepdims=True)
-    second = jnp.sum(weighted * weighted, axis=axes, keepdims=True)
-    if axis_name is not None:
-        count, first, second = lax.psum(
-            (count, first, second), axis_name, axis_index_groups=axis_index_groups
-        )
-    safe_count = jnp.maximum(count, 1)
-    if not centered:
-        return jnp.zeros_like(second), second / safe_count, count
-    mean = first / safe_count
-    return mean, jnp.maximum(second / safe_count - mean * mean, 0), count
+    moments = shifted_moments(x, axes, mask, axis_name=axis_name,
+                              axis_index_groups=axis_index_groups, centered=centered,
+                              fast_variance=fast_variance, pivot=pivot)
+    return moments.mean, moments.var, moments.count
 
 
 def _complex_moments(
