@@ -824,17 +824,6 @@ def test_nnx_optimizer_step_through_views_matches_flax():
                      ours, theirs)
 
 
-def test_nnx_spectral_norm_around_a_sequential_with_batch_norm_matches_flax():
-    def run(lib):
-        rngs = nnx.Rngs(42)
-        sequential = nnx.Sequential(nnx.Linear(5, 4, rngs=rngs), nnx.relu,
-                                    lib.BatchNorm(4, use_running_average=False, rngs=rngs))
-        return nnx.SpectralNorm(sequential, n_steps=3, update_stats=True, rngs=rngs)(
-            np.asarray(jax.random.normal(KEY, (10, 5))))
-
-    np.testing.assert_allclose(run(jx), run(nnx), rtol=1e-5, atol=1e-6)
-
-
 def test_bridge_wraps_batch_norm_both_ways():
     class Outer(nnx.Module):
         def __init__(self, lib, rngs):
