@@ -59,7 +59,8 @@ def normalize_with_statistics(
 
 
 def _forward(
-    x: Array, scale: Array | None, bias: Array | None, mask: Array | None, spec: NormSpec
+    x: Array, scale: Array | None, bias: Array | None, mask: Array | None, spec: NormSpec,
+    differentiated: bool = False,
 ) -> tuple[tuple[Array, Array, Array], tuple[Array, Array]]:
     r"""The outputs, and ``(mean, r)`` for the tangent, with
     :math:`r = (\sigma^2 + \epsilon)^{-1/2}`; a set with nothing counted gets
@@ -68,7 +69,7 @@ def _forward(
     compute = compute_dtype(x.dtype, spec.dtype)
     stats = shifted_moments(
         x.astype(statistics_dtype(x.dtype)), spec.reduction, mask,
-        centered=spec.centered, fast_variance=spec.fast_variance,
+        centered=spec.centered, fast_variance=spec.fast_variance, single_pass=differentiated,
     )
     mean = stats.mean.astype(compute)
     rstd = lax.rsqrt(stats.var.astype(compute) + jnp.asarray(spec.eps, compute))
@@ -111,7 +112,7 @@ def _tangent(
     RMSNorm)."""
     x, scale, bias, mask = primals
     dx, dscale, dbias, _ = tangents
-    (y, mean, var), (compute_mean, rstd) = _forward(x, scale, bias, mask, spec)
+    (y, mean, var), (compute_mean, rstd) = _forward(x, scale, bias, mask, spec, True)
     compute = rstd.dtype
     count = jnp.maximum(element_count(x.shape, spec.reduction, mask, compute), 1)
     dx_counted = dx.astype(compute) if mask is None else jnp.where(mask, dx, 0).astype(compute)
