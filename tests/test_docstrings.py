@@ -35,7 +35,6 @@ _KNOWN_UNDOCUMENTED_BY_NAME = {
     "jaxnorm.linen.AdaptiveInstanceNorm.__call__": "content style",
     "jaxnorm.linen.ConditionalInstanceNorm.__call__": "mask style_id x",
     "jaxnorm.linen.GroupNorm.__call__": "mask x",
-    "jaxnorm.linen.InstanceNorm.__call__": "mask x",
     "jaxnorm.linen.LayerNorm.__call__": "mask x",
     "jaxnorm.linen.LocalResponseNorm.__call__": "x",
     "jaxnorm.linen.RMSNorm.__call__": "mask x",
@@ -65,7 +64,6 @@ _KNOWN_UNDOCUMENTED_BY_NAME = {
         "num_features param_dtype promote_dtype rngs scale_init scale_metadata use_bias "
         "use_fast_variance use_scale"
     ),
-    "jaxnorm.nnx.InstanceNorm.__call__": "mask x",
     "jaxnorm.nnx.LayerNorm": (
         "axis_index_groups axis_name bias_init bias_metadata dtype epsilon feature_axes "
         "num_features param_dtype promote_dtype reduction_axes rngs scale_init scale_metadata "
