@@ -5,6 +5,7 @@ Every normalization is :func:`normalize` over a choice of reduction axes
 parameters and call it in :mod:`jaxnorm.linen` and :mod:`jaxnorm.nnx`.
 """
 
+from jaxnorm._add_and_norm import add_and_norm
 from jaxnorm._batch_norm import Renorm, batch_norm, batch_norm_inference
 from jaxnorm._fold import fold_batch_norm
 from jaxnorm._group_norm import group_norm
@@ -36,6 +37,7 @@ __all__ = [
     "Renorm",
     "RunningStatistics",
     "adaptive_instance_norm",
+    "add_and_norm",
     "batch_norm",
     "batch_norm_inference",
     "conditional_instance_norm",

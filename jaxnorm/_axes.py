@@ -111,11 +111,21 @@ def check_momentum(momentum: Any) -> None:
 
 
 def check_renorm_limits(r_max: Any, d_max: Any) -> None:
-    """Raises ``ValueError`` unless ``r_max >= 1`` and ``d_max >= 0`` (traced values pass)."""
-    if _concrete(r_max) and not float(r_max) >= 1:
+    """Raises ``ValueError`` unless ``r_max >= 1`` and ``d_max >= 0`` (traced values and
+    schedules, callables of the step, pass)."""
+    if not callable(r_max) and _concrete(r_max) and not float(r_max) >= 1:
         raise ValueError(f"r_max must be at least 1 (1 disables the r correction), got {r_max!r}")
-    if _concrete(d_max) and not float(d_max) >= 0:
+    if not callable(d_max) and _concrete(d_max) and not float(d_max) >= 0:
         raise ValueError(f"d_max must be at least 0 (0 disables the d correction), got {d_max!r}")
+
+
+def renorm_limits_at(r_max: Any, d_max: Any, step: Any) -> tuple[Any, Any]:
+    """Batch renormalization's ``(r_max, d_max)`` at ``step``: a schedule (a callable, e.g.
+    an optax schedule) is evaluated there, a number kept; both checked."""
+    check_renorm_limits(r_max, d_max)
+    limits = tuple(limit(step) if callable(limit) else limit for limit in (r_max, d_max))
+    check_renorm_limits(*limits)
+    return limits  # type: ignore[return-value]
 
 
 def check_shape(value: Any, expected: tuple[int, ...], name: str) -> jax.Array | None:

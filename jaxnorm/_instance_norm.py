@@ -20,7 +20,8 @@ from jaxnorm._axes import (
     expand_to_rank,
     feature_shape,
 )
-from jaxnorm._normalize import normalize
+from jaxnorm._normalize import normalize_with_moments
+from jaxnorm._running import BatchMoments
 from jaxnorm._stats import moments
 
 Array = jax.Array
@@ -40,17 +41,47 @@ def spatial_axes(ndim: int, features: tuple[int, ...], shape: tuple[int, ...],
     return reduction
 
 
+def _pooled_instance_moments(
+    mean: Array, var: Array, count: Array, features: tuple[int, ...]
+) -> BatchMoments:
+    r"""The instances' statistics (keepdims) pooled per channel over the batch: with
+    :math:`n_i` counted elements in instance :math:`i`, mean :math:`\sum_i n_i\mu_i /
+    \sum_i n_i`, variance :math:`\sum_i n_i\sigma^2_i / \sum_i n_i`, count :math:`\sum_i
+    n_i`, and the non-empty instances as the groups, so that the unbiased running variance
+    is :math:`\sum_i n_i\sigma^2_i / \sum_i (n_i - 1)` (PyTorch's mean of the instances'
+    unbiased variances when they count alike)."""
+    count = jnp.broadcast_to(count, mean.shape).astype(mean.real.dtype)
+    axes = complement_axes(mean.ndim, features)  # the batch axis and the (size-1) reduced axes
+    total = jnp.sum(count, axis=axes)
+    safe_total = jnp.maximum(total, 1)
+    return BatchMoments(
+        jnp.sum(count * mean, axis=axes) / safe_total,
+        jnp.sum(count * var, axis=axes) / safe_total,
+        total,
+        jnp.sum(count > 0, axis=axes, dtype=count.dtype),
+    )
+
+
 def instance_norm(
     x: Array, scale: Array | None = None, bias: Array | None = None, *,
     feature_axes: Axes = -1, eps: float = 1e-6, mask: Array | None = None,
     axis_name: Any = None, axis_index_groups: Any = None, dtype: Any = None,
-    fast_variance: bool = False,
-) -> Array:
+    fast_variance: bool = False, return_moments: bool = False,
+) -> Array | tuple[Array, BatchMoments]:
     r"""Instance normalization (Ulyanov et al. 2016).
 
     :math:`y = (x - \mu_{n,c})/\sqrt{\sigma^2_{n,c} + \epsilon}\,\gamma_c + \beta_c` with
     statistics per example :math:`n` and channel :math:`c` over every axis except 0 and
     ``feature_axes``.
+
+    With ``return_moments`` it also reports the instances' statistics pooled per channel
+    over the batch, for running statistics (PyTorch's ``track_running_stats``) through
+    :func:`jaxnorm.update_running_statistics`: mean :math:`\sum_n k_n\mu_{n,c} / \sum_n
+    k_n` and variance :math:`\sum_n k_n\sigma^2_{n,c} / \sum_n k_n` (:math:`k_n`: the
+    elements instance :math:`n` counted; without a mask the plain batch averages), with the
+    non-empty instances as ``groups``, so ``unbiased=True`` stores
+    :math:`\sum_n k_n\sigma^2_{n,c} / \sum_n (k_n - 1)`, the batch average of the
+    instances' unbiased variances, as PyTorch does.
 
     Args:
       x: floating input, batch axis 0.
@@ -63,9 +94,11 @@ def instance_norm(
       axis_index_groups: groups within ``axis_name``.
       dtype: output dtype; default: promoted dtype of ``x``, ``scale``, ``bias``.
       fast_variance: Flax's one-pass variance (see :func:`jaxnorm.moments`).
+      return_moments: also return the pooled :class:`jaxnorm.BatchMoments` (feature shape,
+        at least float32), for :func:`jaxnorm.update_running_statistics`.
 
     Returns:
-      ``y``, the shape of ``x``.
+      ``y``, the shape of ``x``; with ``return_moments``, ``(y, moments)``.
 
     Example:
       >>> import jax.numpy as jnp, jaxnorm
@@ -75,11 +108,14 @@ def instance_norm(
     x = check_floating(x, allow_complex=True)
     features = canonicalize_axes(feature_axes, x.ndim, "feature_axes")
     reduction = spatial_axes(x.ndim, features, x.shape, "instance_norm", feature_axes)
-    return normalize(
+    y, mean, var, count = normalize_with_moments(
         x, reduction, scale, bias, feature_axes=features, eps=eps, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype,
         fast_variance=fast_variance,
     )
+    if not return_moments:
+        return y
+    return y, _pooled_instance_moments(mean, var, count, features)
 
 
 def adaptive_instance_norm(

@@ -119,6 +119,23 @@ def normalize(
       >>> [round(float(v), 3) for v in y[0]]
       [-1.225, 0.0, 1.225]
     """
+    return normalize_with_moments(
+        x, reduction_axes, scale, bias, feature_axes=feature_axes, eps=eps, mean=mean, var=var,
+        mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype,
+        centered=centered, fast_variance=fast_variance,
+    )[0]
+
+
+def normalize_with_moments(
+    x: Array, reduction_axes: Axes, scale: Array | None = None, bias: Array | None = None, *,
+    feature_axes: Axes = -1, eps: float = 1e-5, mean: Array | None = None,
+    var: Array | None = None, mask: Array | None = None, axis_name: Any = None,
+    axis_index_groups: Any = None, dtype: Any = None, centered: bool = True,
+    fast_variance: bool = False,
+) -> tuple[Array, Array, Array, Array | None]:
+    """:func:`normalize` (the same arguments, checked) returning ``(y, mean, var, count)``
+    as :func:`jaxnorm._dispatch.normalize_over` does: the statistics keep the reduced axes,
+    ``count`` the elements each set counted (None for given statistics)."""
     x = check_floating(x, allow_complex=True)
     reduction = canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
     features = canonicalize_axes(feature_axes, x.ndim, "feature_axes")
@@ -133,4 +150,4 @@ def normalize(
         var = _broadcast_statistic(var, "var", x.shape, reduction, features)
     return normalize_over(x, scale, bias, spec, mask=mask, axis_name=axis_name,
                           axis_index_groups=axis_index_groups, eps=traced_eps, mean=mean,
-                          var=var)[0]
+                          var=var)

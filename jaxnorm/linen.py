@@ -22,6 +22,7 @@ BatchNorm adds ``unbiased_running_var``, ``momentum=None`` (exact cumulative ave
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -30,20 +31,22 @@ import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
 
 import jaxnorm
+from jaxnorm._add_and_norm import check_kind
 from jaxnorm._axes import (
     Axes,
     as_floating,
     canonicalize_axes,
     canonicalize_axis,
     check_momentum,
-    check_renorm_limits,
     feature_shape,
+    renorm_limits_at,
 )
 from jaxnorm._linen_weight import SpectralNorm, WeightNorm, WeightStandardization
 from jaxnorm._precise import record_linen_moments
 
 __all__ = [
     "AdaptiveInstanceNorm",
+    "AddAndNorm",
     "BatchNorm",
     "BatchRenorm",
     "ConditionalInstanceNorm",
@@ -64,8 +67,12 @@ _ones = nn.initializers.ones
 def _scale_and_bias(
     module: nn.Module, shape: tuple[int, ...], use_scale: bool = True, use_bias: bool = True
 ) -> tuple[jax.Array | None, jax.Array | None]:
-    """The module's ``scale`` and ``bias`` params of ``shape`` (None when unused), as Flax."""
-    scale = (module.param("scale", module.scale_init, shape, module.param_dtype)
+    """The module's ``scale`` and ``bias`` params of ``shape`` (None when unused), as Flax;
+    a zero-centred scale left at the default initializer (ones) starts at zeros."""
+    scale_init = module.scale_init
+    if getattr(module, "zero_centered_scale", False) and scale_init is _ones:
+        scale_init = _zeros
+    scale = (module.param("scale", scale_init, shape, module.param_dtype)
              if use_scale else None)
     bias = (module.param("bias", module.bias_init, shape, module.param_dtype)
             if use_bias else None)
@@ -175,16 +182,7 @@ class BatchNorm(nn.Module):
     @nn.nowrap
     def _running_statistics(self, shape: tuple[int, ...]) -> Any:
         """The ``batch_stats`` variables (``count`` only with ``momentum=None``)."""
-        dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-        check_momentum(self.momentum)
-        count = None
-        if self.momentum is None:
-            count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
-        return jaxnorm.RunningStatistics(
-            self.variable("batch_stats", "mean", lambda: jnp.zeros(shape, dtype)),
-            self.variable("batch_stats", "var", lambda: jnp.ones(shape, dtype)),
-            count,
-        )
+        return _running_variables(self, shape, self.momentum)
 
 
 class BatchRenorm(BatchNorm):
@@ -196,18 +194,37 @@ class BatchRenorm(BatchNorm):
     statistics, both under ``stop_gradient``; running statistics and evaluation as
     BatchNorm, with the same variables. ``r_max=1, d_max=0`` is BatchNorm.
 
+    Either limit may be a schedule, a function of the training step :math:`k` such as
+    ``optax.linear_schedule(1.0, 3.0, 5000)`` (Ioffe 2017 relaxes them from BatchNorm's
+    :math:`r_{max} = 1, d_{max} = 0`): then ``batch_stats`` also holds ``step`` (int32,
+    0 after ``init``), the :math:`k`-th training call (counting from 0) uses the limits at
+    :math:`k` and advances ``step`` to :math:`k + 1`; ``init`` and evaluation leave it.
+
     Attributes:
-      r_max: the largest correction :math:`r` (at least 1).
-      d_max: the largest correction :math:`|d|` (at least 0).
+      r_max: the largest correction :math:`r` (at least 1), or a schedule of the step.
+      d_max: the largest correction :math:`|d|` (at least 0), or a schedule of the step.
     """
 
-    r_max: float = 3.0
-    d_max: float = 5.0
+    r_max: float | Callable[[jax.Array], Any] = 3.0
+    d_max: float | Callable[[jax.Array], Any] = 5.0
+
+    @nn.nowrap
+    def _running_statistics(self, shape: tuple[int, ...]) -> Any:
+        """BatchNorm's ``batch_stats`` variables, and ``step`` when a limit is scheduled."""
+        running = super()._running_statistics(shape)
+        if callable(self.r_max) or callable(self.d_max):
+            self.variable("batch_stats", "step", lambda: jnp.zeros((), jnp.int32))
+        return running
 
     @nn.nowrap
     def _renorm(self, running: jaxnorm.RunningStatistics) -> jaxnorm.Renorm | None:
-        check_renorm_limits(self.r_max, self.d_max)
-        return jaxnorm.Renorm(running.mean, running.var, self.r_max, self.d_max)
+        step = None
+        if callable(self.r_max) or callable(self.d_max):  # the variable of _running_statistics
+            step = self.get_variable("batch_stats", "step")
+            if not self.is_initializing():
+                self.put_variable("batch_stats", "step", step + 1)
+        r_max, d_max = renorm_limits_at(self.r_max, self.d_max, step)
+        return jaxnorm.Renorm(running.mean, running.var, r_max, d_max)
 
 
 class LayerNorm(nn.Module):
@@ -230,6 +247,9 @@ class LayerNorm(nn.Module):
       use_fast_variance: Flax's one-pass variance (off: two-pass accuracy).
       force_float32_reductions: accepted for Flax compatibility; reductions always run in
         at least float32.
+      zero_centered_scale: ``scale`` holds :math:`\gamma` of the multiplier
+        :math:`1 + \gamma` (Gemma, Transformer Engine's ``zero_centered_gamma``); the
+        default ``scale_init`` (ones) then starts it at zeros, the identity.
     """
 
     epsilon: float = 1e-6
@@ -245,6 +265,7 @@ class LayerNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = False
     force_float32_reductions: bool = True
+    zero_centered_scale: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
@@ -271,7 +292,7 @@ class LayerNorm(nn.Module):
             x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=features,
             eps=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-            fast_variance=self.use_fast_variance,
+            fast_variance=self.use_fast_variance, zero_centered_scale=self.zero_centered_scale,
         )
 
 
@@ -292,6 +313,11 @@ class RMSNorm(nn.Module):
       use_fast_variance: Flax's one-pass variance (off: two-pass accuracy).
       force_float32_reductions: accepted for Flax compatibility; reductions always run in
         at least float32.
+      zero_centered_scale: ``scale`` holds :math:`\gamma` of the multiplier
+        :math:`1 + \gamma` (Gemma's RMSNorm); the default ``scale_init`` (ones) then
+        starts it at zeros, the identity.
+      use_bias: learn a :math:`\beta` added after scaling (default False, as Flax has none).
+      bias_init: initializer of ``bias``.
     """
 
     epsilon: float = 1e-6
@@ -305,6 +331,9 @@ class RMSNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = False
     force_float32_reductions: bool = True
+    zero_centered_scale: bool = False
+    use_bias: bool = False
+    bias_init: Initializer = _zeros
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
@@ -324,14 +353,90 @@ class RMSNorm(nn.Module):
         """
         x = as_floating(x)
         features = canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
-        scale = None
-        if self.use_scale:
-            scale = self.param("scale", self.scale_init, feature_shape(x.shape, features),
-                               self.param_dtype)
+        scale, bias = _scale_and_bias(
+            self, feature_shape(x.shape, features), self.use_scale, self.use_bias
+        )
         return jaxnorm.rms_norm(
-            x, scale, reduction_axes=self.reduction_axes, feature_axes=features,
+            x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=features,
             eps=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+            zero_centered_scale=self.zero_centered_scale,
+        )
+
+
+class AddAndNorm(nn.Module):
+    r"""A residual addition and the LayerNorm or RMSNorm of the sum, for pre-norm blocks:
+    called as ``(x, residual)``, returns ``(norm(x + residual), x + residual)``
+    (:func:`jaxnorm.add_and_norm`).
+
+    .. math::
+        s = x + r,\qquad y = \frac{s - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta
+        \ \ (\texttt{kind="layer"})\quad\text{or}\quad
+        y = \frac{s}{\sqrt{E[s^2] + \epsilon}}\,\gamma + \beta\ \ (\texttt{kind="rms"}).
+
+    The parameters are :class:`LayerNorm`'s (or :class:`RMSNorm`'s): ``scale`` and
+    ``bias`` in ``params``, so a pre-norm model that normalized ``x + residual`` with one
+    of them keeps its checkpoint when it switches.
+
+    Attributes:
+      kind: ``"layer"`` or ``"rms"``.
+      epsilon: :math:`\epsilon` added to the variance.
+      dtype: dtype of ``y`` (default: promoted dtype of the sum and the parameters); the
+        sum keeps the promoted dtype of ``x`` and ``residual``.
+      param_dtype: dtype of the parameters.
+      use_bias: learn a :math:`\beta`; ``None`` (default): LayerNorm's yes, RMSNorm's no.
+      use_scale: learn a :math:`\gamma`.
+      bias_init: initializer of ``bias``.
+      scale_init: initializer of ``scale`` (zeros for a zero-centred scale left at ones).
+      reduction_axes: the axes of the statistics.
+      feature_axes: the axes of ``scale`` and ``bias``.
+      axis_name: combine statistics across this mapped axis, count-weighted.
+      axis_index_groups: groups within ``axis_name``.
+      zero_centered_scale: ``scale`` holds :math:`\gamma` of the multiplier
+        :math:`1 + \gamma` (Gemma, Transformer Engine).
+    """
+
+    kind: str = "layer"
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool | None = None
+    use_scale: bool = True
+    bias_init: Initializer = _zeros
+    scale_init: Initializer = _ones
+    reduction_axes: Axes = -1
+    feature_axes: Axes = -1
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    zero_centered_scale: bool = False
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, residual: jax.Array, *, mask: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """``(norm(x + residual), x + residual)``.
+
+        Args:
+          x: the sublayer's output; integers are promoted to float32.
+          residual: the residual stream, ``x``'s shape.
+          mask: boolean, broadcastable to ``x``; ``False`` elements do not count in the
+            statistics. ``None`` (default): every element counts.
+
+        Returns:
+          The normalized sum and the sum (the new residual stream).
+        """
+        kind = check_kind(self.kind)
+        x, residual = as_floating(x), as_floating(residual)
+        features = canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
+        use_bias = kind == "layer" if self.use_bias is None else self.use_bias
+        scale, bias = _scale_and_bias(
+            self, feature_shape(x.shape, features), self.use_scale, use_bias
+        )
+        return jaxnorm.add_and_norm(
+            x, residual, scale, bias, kind=kind, reduction_axes=self.reduction_axes,
+            feature_axes=features, eps=self.epsilon, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+            zero_centered_scale=self.zero_centered_scale,
         )
 
 
@@ -408,6 +513,14 @@ class InstanceNorm(nn.Module):
     r"""Instance normalization (Ulyanov et al. 2016), a drop-in for
     ``flax.linen.InstanceNorm`` (:func:`jaxnorm.instance_norm`).
 
+    With ``track_running_stats`` (PyTorch's ``InstanceNorm2d(track_running_stats=True)``)
+    training also keeps running averages of the instance statistics in ``batch_stats``
+    (``mean``, ``var``; not moved by ``init``), :math:`ra \leftarrow m\,ra + (1-m)\,b`
+    with :math:`b` the batch average of the instances' means and of their unbiased
+    variances (PyTorch's convention; ``momentum`` :math:`m` is 1 - PyTorch's
+    ``momentum``), and evaluation (``use_running_average=True``) normalizes with them:
+    :math:`y = (x - \hat\mu_c)/\sqrt{\hat\sigma^2_c + \epsilon}\,\gamma_c + \beta_c`.
+
     Attributes:
       feature_axes: the channel axes (never the batch axis 0).
       epsilon: :math:`\epsilon` added to the variance.
@@ -421,7 +534,17 @@ class InstanceNorm(nn.Module):
       axis_index_groups: groups within ``axis_name``.
       use_fast_variance: Flax's one-pass variance (off: two-pass accuracy).
       force_float32_reductions: accepted for Flax compatibility; reductions always run in
-        at least float32.
+        at least float32 (``False`` initialises the running statistics in
+        ``param_dtype``).
+      track_running_stats: keep running statistics and use them in evaluation (default
+        False: instance statistics always, and ``use_running_average`` is ignored, as in
+        PyTorch).
+      momentum: decay :math:`m` of the running averages (PyTorch's ``momentum=0.1`` is
+        0.9 here); ``None`` keeps the exact cumulative average, with the batch count in
+        ``batch_stats['count']``, as BatchNorm (PyTorch's InstanceNorm ignores
+        ``momentum=None``: its statistics stay at their initial values).
+      use_running_average: evaluation mode with ``track_running_stats`` (may also be given
+        at call time).
     """
 
     epsilon: float = 1e-6
@@ -436,16 +559,25 @@ class InstanceNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = False
     force_float32_reductions: bool = True
+    track_running_stats: bool = False
+    momentum: float | None = 0.99
+    use_running_average: bool | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, use_running_average: bool | None = None, *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
         r"""Normalizes ``x``: :math:`y = (x - \mu_{n,c})/\sqrt{\sigma^2_{n,c} + \epsilon}\,
         \gamma_c + \beta_c`, statistics per example :math:`n` and channel :math:`c` over
-        every axis except 0 and ``feature_axes``.
+        every axis except 0 and ``feature_axes`` (the running ones in evaluation with
+        ``track_running_stats``).
 
         Args:
           x: the input, batch axis 0, channels on ``feature_axes`` and at least one other
             (spatial) axis, e.g. ``(N, H, W, C)``. Integers are promoted to float32.
+          use_running_average: evaluation mode with ``track_running_stats``; overrides the
+            attribute (ignored without ``track_running_stats``).
           mask: boolean, broadcastable to ``x``; ``False`` elements do not count in the
             statistics (they are still normalized, with the statistics of the others).
             ``None`` (default): every element counts.
@@ -456,14 +588,47 @@ class InstanceNorm(nn.Module):
         """
         x = as_floating(x)
         features = canonicalize_axes(self.feature_axes, x.ndim, "feature_axes")
-        scale, bias = _scale_and_bias(
-            self, feature_shape(x.shape, features), self.use_scale, self.use_bias
+        shape = feature_shape(x.shape, features)
+        scale, bias = _scale_and_bias(self, shape, self.use_scale, self.use_bias)
+        options = {"feature_axes": features, "eps": self.epsilon, "mask": mask,
+                   "axis_name": self.axis_name, "axis_index_groups": self.axis_index_groups,
+                   "dtype": self.dtype, "fast_variance": self.use_fast_variance}
+        if not self.track_running_stats:
+            return jaxnorm.instance_norm(x, scale, bias, **options)
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
         )
-        return jaxnorm.instance_norm(
-            x, scale, bias, feature_axes=features, eps=self.epsilon, mask=mask,
-            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype, fast_variance=self.use_fast_variance,
-        )
+        running = _running_variables(self, shape, self.momentum)
+        if use_running_average:
+            return jaxnorm.batch_norm_inference(
+                x, running.mean.value, running.var.value, scale, bias, axis=features,
+                eps=self.epsilon, dtype=self.dtype,
+            )
+        y, batch = jaxnorm.instance_norm(x, scale, bias, return_moments=True, **options)
+        if not self.is_initializing():  # as BatchNorm, `init` does not move the statistics
+            values = jaxnorm.RunningStatistics(*(None if v is None else v.value for v in running))
+            updated = jaxnorm.update_running_statistics(
+                values, batch, momentum=self.momentum, unbiased=True
+            )
+            for variable, value in zip(running, updated, strict=True):
+                if variable is not None:
+                    variable.value = value
+        return y
+
+
+def _running_variables(module: nn.Module, shape: tuple[int, ...], momentum: Any) -> Any:
+    """A module's ``batch_stats`` variables ``mean`` (zeros), ``var`` (ones) and, with
+    ``momentum=None``, ``count``, as :class:`jaxnorm.RunningStatistics`."""
+    check_momentum(momentum)
+    dtype = jnp.float32 if module.force_float32_reductions else module.param_dtype
+    count = None
+    if momentum is None:
+        count = module.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
+    return jaxnorm.RunningStatistics(
+        module.variable("batch_stats", "mean", lambda: jnp.zeros(shape, dtype)),
+        module.variable("batch_stats", "var", lambda: jnp.ones(shape, dtype)),
+        count,
+    )
 
 
 class LocalResponseNorm(nn.Module):

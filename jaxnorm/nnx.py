@@ -13,7 +13,7 @@ parameters and calls the same :mod:`jaxnorm` function as its Linen twin; see
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -25,13 +25,15 @@ from flax.nnx.nn import dtypes
 from flax.typing import Dtype, Initializer
 
 import jaxnorm
-from jaxnorm._axes import Axes, as_floating, check_momentum, check_renorm_limits
+from jaxnorm._add_and_norm import check_kind
+from jaxnorm._axes import Axes, as_floating, check_momentum, check_renorm_limits, renorm_limits_at
 from jaxnorm._group_norm import resolve_num_groups
 from jaxnorm._nnx_weight import SpectralNorm, WeightNorm, WeightStandardization
 from jaxnorm._precise import recompute_nnx_batch_stats
 
 __all__ = [
     "AdaptiveInstanceNorm",
+    "AddAndNorm",
     "BatchNorm",
     "BatchRenorm",
     "ConditionalInstanceNorm",
@@ -65,6 +67,11 @@ def _param(
     if not use:
         return nnx.data(None)
     return nnx.Param(init(rngs.params(), shape, param_dtype), **metadata)
+
+
+def _scale_init(init: Initializer, zero_centered: bool) -> Initializer:
+    """``init``, or zeros for a zero-centred scale left at the default ones."""
+    return _zeros if zero_centered and init is _ones else init
 
 
 def _value(variable: nnx.Variable | None) -> Array | None:
@@ -275,14 +282,19 @@ class BatchRenorm(BatchNorm):
       **batch_norm_kwargs: every other keyword argument of :class:`BatchNorm`
         (``momentum``, ``axis``, ``epsilon``, ``use_running_average``, ...), with its
         default there.
+
+    ``r_max`` and ``d_max`` may be schedules, functions of the training step such as
+    ``optax.linear_schedule(1.0, 3.0, 5000)``, as in :class:`jaxnorm.linen.BatchRenorm`:
+    then a ``step`` BatchStat (int32, 0 at construction) counts the training calls, the
+    :math:`k`-th (from 0) uses the limits at :math:`k`, and evaluation leaves it.
     """
 
     def __init__(
         self,
         num_features: int | Sequence[int],
         *,
-        r_max: float = 3.0,
-        d_max: float = 5.0,
+        r_max: float | Callable[[Array], Any] = 3.0,
+        d_max: float | Callable[[Array], Any] = 5.0,
         rngs: nnx.Rngs,
         **batch_norm_kwargs: Any,
     ):
@@ -290,9 +302,15 @@ class BatchRenorm(BatchNorm):
         super().__init__(num_features, rngs=rngs, **batch_norm_kwargs)
         self.r_max = r_max
         self.d_max = d_max
+        scheduled = callable(r_max) or callable(d_max)
+        self.step = nnx.BatchStat(jnp.zeros((), jnp.int32)) if scheduled else nnx.data(None)
 
     def _renorm(self) -> jaxnorm.Renorm | None:
-        return jaxnorm.Renorm(self.mean[...], self.var[...], self.r_max, self.d_max)
+        step = _value(self.step)
+        if step is not None:
+            self.step[...] = step + 1
+        r_max, d_max = renorm_limits_at(self.r_max, self.d_max, step)
+        return jaxnorm.Renorm(self.mean[...], self.var[...], r_max, d_max)
 
 
 class LayerNorm(nnx.Module):
@@ -333,6 +351,11 @@ class LayerNorm(nnx.Module):
       bias_metadata: keyword arguments of the ``bias`` ``nnx.Param`` (e.g. sharding
         annotations), as in Flax; default none.
       scale_metadata: keyword arguments of the ``scale`` ``nnx.Param``, likewise.
+
+    Args beyond Flax's:
+      zero_centered_scale: ``scale`` holds :math:`\gamma` of the multiplier
+        :math:`1 + \gamma` (Gemma, Transformer Engine's ``zero_centered_gamma``); the
+        default ``scale_init`` (ones) then starts it at zeros, the identity.
     """
 
     def __init__(
@@ -355,8 +378,10 @@ class LayerNorm(nnx.Module):
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        zero_centered_scale: bool = False,
     ):
         shape = _shape(num_features)
+        scale_init = _scale_init(scale_init, zero_centered_scale)
         self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
         self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs, bias_metadata)
         self.num_features = num_features
@@ -371,6 +396,7 @@ class LayerNorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
+        self.zero_centered_scale = zero_centered_scale
 
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalizes ``x`` (formula above).
@@ -394,6 +420,7 @@ class LayerNorm(nnx.Module):
             feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
             dtype=self.dtype, fast_variance=self.use_fast_variance,
+            zero_centered_scale=self.zero_centered_scale,
         )
 
 
@@ -430,6 +457,15 @@ class RMSNorm(nnx.Module):
       rngs: an ``nnx.Rngs`` (required, as in Flax); its ``params`` stream gives the key
         of ``scale_init``.
       scale_metadata: keyword arguments of the ``scale`` ``nnx.Param``, likewise.
+
+    Args beyond Flax's:
+      zero_centered_scale: ``scale`` holds :math:`\gamma` of the multiplier
+        :math:`1 + \gamma` (Gemma's RMSNorm); the default ``scale_init`` (ones) then
+        starts it at zeros, the identity.
+      use_bias: learn a :math:`\beta` added after scaling, the ``bias`` Param (default
+        False, as Flax has none).
+      bias_init: the initializer of ``bias``; default zeros.
+      bias_metadata: keyword arguments of the ``bias`` ``nnx.Param``.
     """
 
     def __init__(
@@ -449,9 +485,15 @@ class RMSNorm(nnx.Module):
         promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         rngs: nnx.Rngs,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        zero_centered_scale: bool = False,
+        use_bias: bool = False,
+        bias_init: Initializer = _zeros,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
         shape = _shape(num_features)
+        scale_init = _scale_init(scale_init, zero_centered_scale)
         self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
+        self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs, bias_metadata)
         self.num_features = num_features
         self.epsilon = epsilon
         self.dtype = dtype
@@ -463,6 +505,8 @@ class RMSNorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
+        self.zero_centered_scale = zero_centered_scale
+        self.use_bias = use_bias
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
         """Normalizes ``x`` (formula above).
@@ -478,11 +522,109 @@ class RMSNorm(nnx.Module):
           ``y``, the shape of ``x``, in ``dtype`` (default: the promoted dtype of ``x`` and
           the parameters).
         """
-        x, scale = self.promote_dtype((as_floating(x), _value(self.scale)), dtype=self.dtype)
+        x, scale, bias = self.promote_dtype(
+            (as_floating(x), _value(self.scale), _value(self.bias)), dtype=self.dtype
+        )
         return jaxnorm.rms_norm(
-            x, scale, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
-            eps=self.epsilon, mask=mask, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+            x, scale, bias, reduction_axes=self.reduction_axes,
+            feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype, zero_centered_scale=self.zero_centered_scale,
+        )
+
+
+class AddAndNorm(nnx.Module):
+    r"""A residual addition and the LayerNorm or RMSNorm of the sum, for pre-norm blocks:
+    called as ``(x, residual)``, returns ``(norm(x + residual), x + residual)``
+    (:func:`jaxnorm.add_and_norm`, :class:`jaxnorm.linen.AddAndNorm`).
+
+    .. math::
+        s = x + r,\qquad y = \frac{s - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta
+        \ \ (\texttt{kind="layer"})\quad\text{or}\quad
+        y = \frac{s}{\sqrt{E[s^2] + \epsilon}}\,\gamma + \beta\ \ (\texttt{kind="rms"}).
+
+    Args:
+      num_features: the shape of ``scale`` and ``bias``: the size of ``x`` along
+        ``feature_axes`` (an int for one axis, a tuple for several).
+      kind: ``"layer"`` or ``"rms"``.
+      epsilon: :math:`\epsilon` added to the variance.
+      dtype: dtype of ``y`` (default: promoted dtype of the sum and the parameters); the
+        sum keeps the promoted dtype of ``x`` and ``residual``.
+      param_dtype: dtype of the parameters.
+      use_bias: learn a :math:`\beta`; ``None`` (default): LayerNorm's yes, RMSNorm's no.
+      use_scale: learn a :math:`\gamma`.
+      bias_init: initializer of ``bias``.
+      scale_init: initializer of ``scale`` (zeros for a zero-centred scale left at ones).
+      reduction_axes: the axes of the statistics.
+      feature_axes: the axes of ``scale`` and ``bias``.
+      axis_name: combine statistics across this mapped axis, count-weighted.
+      axis_index_groups: groups within ``axis_name``.
+      zero_centered_scale: ``scale`` holds :math:`\gamma` of the multiplier
+        :math:`1 + \gamma` (Gemma, Transformer Engine).
+      rngs: an ``nnx.Rngs``; its ``params`` stream initialises ``scale`` and ``bias``.
+      bias_metadata: keyword arguments of the ``bias`` ``nnx.Param``.
+      scale_metadata: keyword arguments of the ``scale`` ``nnx.Param``.
+    """
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        kind: str = "layer",
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool | None = None,
+        use_scale: bool = True,
+        bias_init: Initializer = _zeros,
+        scale_init: Initializer = _ones,
+        reduction_axes: Axes = -1,
+        feature_axes: Axes = -1,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        zero_centered_scale: bool = False,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+    ):
+        self.kind = check_kind(kind)
+        use_bias = kind == "layer" if use_bias is None else use_bias
+        shape = _shape(num_features)
+        scale_init = _scale_init(scale_init, zero_centered_scale)
+        self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
+        self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs, bias_metadata)
+        self.num_features = num_features
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.reduction_axes = reduction_axes
+        self.feature_axes = feature_axes
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.zero_centered_scale = zero_centered_scale
+
+    def __call__(
+        self, x: Array, residual: Array, *, mask: Array | None = None
+    ) -> tuple[Array, Array]:
+        """``(norm(x + residual), x + residual)``.
+
+        Args:
+          x: the sublayer's output; integers are promoted to float32.
+          residual: the residual stream, ``x``'s shape.
+          mask: boolean, broadcastable to ``x``; ``False`` elements do not count in the
+            statistics. ``None`` (default): every element counts.
+
+        Returns:
+          The normalized sum and the sum (the new residual stream).
+        """
+        return jaxnorm.add_and_norm(
+            as_floating(x), as_floating(residual), _value(self.scale), _value(self.bias),
+            kind=self.kind, reduction_axes=self.reduction_axes,
+            feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype, zero_centered_scale=self.zero_centered_scale,
         )
 
 
@@ -641,6 +783,20 @@ class InstanceNorm(nnx.Module):
       bias_metadata: keyword arguments of the ``bias`` ``nnx.Param`` (e.g. sharding
         annotations), as in Flax; default none.
       scale_metadata: keyword arguments of the ``scale`` ``nnx.Param``, likewise.
+
+    With ``track_running_stats`` (PyTorch's ``InstanceNorm2d(track_running_stats=True)``)
+    training also updates ``mean``/``var`` BatchStats, :math:`ra \leftarrow m\,ra +
+    (1-m)\,b` with :math:`b` the batch average of the instances' means and unbiased
+    variances, and evaluation (``model.eval()``) normalizes with them, as
+    :class:`jaxnorm.linen.InstanceNorm`.
+
+    Args beyond Flax's:
+      track_running_stats: keep running statistics and use them in evaluation (default
+        False: instance statistics always, ``use_running_average`` ignored, as PyTorch).
+      momentum: decay :math:`m` of the running averages (PyTorch's ``momentum=0.1`` is
+        0.9 here); ``None``: the exact cumulative average, with a ``count`` BatchStat.
+      use_running_average: evaluation mode with ``track_running_stats`` (default False,
+        training, as Flax NNX's BatchNorm); ``model.train()`` / ``model.eval()`` set it.
     """
 
     def __init__(
@@ -662,10 +818,19 @@ class InstanceNorm(nnx.Module):
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        track_running_stats: bool = False,
+        momentum: float | None = 0.99,
+        use_running_average: bool = False,
     ):
+        check_momentum(momentum)
         shape = _shape(num_features)
         self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
         self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs, bias_metadata)
+        tracked = track_running_stats
+        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32)) if tracked else nnx.data(None)
+        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32)) if tracked else nnx.data(None)
+        self.count = (nnx.BatchStat(jnp.zeros((), jnp.int32)) if tracked and momentum is None
+                      else nnx.data(None))
         self.num_features = num_features
         self.epsilon = epsilon
         self.dtype = dtype
@@ -677,30 +842,58 @@ class InstanceNorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
+        self.track_running_stats = track_running_stats
+        self.momentum = momentum
+        self.use_running_average = use_running_average
 
-    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        """Normalizes ``x`` (formula above).
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> Array:
+        r"""Normalizes ``x``: :math:`y = (x - \mu_{n,c})/\sqrt{\sigma^2_{n,c} + \epsilon}\,
+        \gamma_c + \beta_c` (the running statistics in evaluation with
+        ``track_running_stats``), updating ``mean``/``var`` in training.
 
         Args:
-          x: the input, batch axis 0, channels (sizes ``num_features``) on
-            ``feature_axes`` and at least one other (spatial) axis, e.g. ``(N, H, W, C)``.
-            Integers are promoted to float32.
+          x: the input, batch axis 0, channels on ``feature_axes`` and at least one other
+            (spatial) axis, e.g. ``(N, H, W, C)``. Integers are promoted to float32.
+          use_running_average: evaluation mode with ``track_running_stats``; overrides the
+            attribute (ignored without ``track_running_stats``).
           mask: boolean, broadcastable to ``x``; ``False`` elements do not count in the
             statistics (they are still normalized, with the statistics of the others).
-            ``None`` (default): every element counts.
-
-        Returns:
-          ``y``, the shape of ``x``, in ``dtype`` (default: the promoted dtype of ``x`` and
-          the parameters).
         """
         x, scale, bias = self.promote_dtype(
             (as_floating(x), _value(self.scale), _value(self.bias)), dtype=self.dtype
         )
-        return jaxnorm.instance_norm(
-            x, scale, bias, feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
-            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype, fast_variance=self.use_fast_variance,
+        options = {"feature_axes": self.feature_axes, "eps": self.epsilon, "mask": mask,
+                   "axis_name": self.axis_name, "axis_index_groups": self.axis_index_groups,
+                   "dtype": self.dtype, "fast_variance": self.use_fast_variance}
+        if not self.track_running_stats:
+            return jaxnorm.instance_norm(x, scale, bias, **options)
+        if first_from(use_running_average, self.use_running_average,
+                      error_msg="pass use_running_average to InstanceNorm"):
+            return jaxnorm.batch_norm_inference(
+                x, self.mean[...], self.var[...], scale, bias, axis=self.feature_axes,
+                eps=self.epsilon, dtype=self.dtype,
+            )
+        y, batch = jaxnorm.instance_norm(x, scale, bias, return_moments=True, **options)
+        running = jaxnorm.update_running_statistics(
+            jaxnorm.RunningStatistics(self.mean[...], self.var[...], _value(self.count)),
+            batch, momentum=self.momentum, unbiased=True,
         )
+        self.mean[...], self.var[...] = running.mean, running.var
+        if self.count is not None:
+            self.count[...] = running.count
+        return y
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Used by ``nnx.view``: sets ``use_running_average`` when given.
+
+        Args:
+          use_running_average: if True, use the running statistics (evaluation); if False,
+            the instance statistics (training); None leaves the mode unchanged.
+        """
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
 
 
 class LocalResponseNorm(nnx.Module):

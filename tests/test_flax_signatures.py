@@ -23,12 +23,19 @@ SHARED = ["BatchNorm", "LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm"]
 
 # Documented in jaxnorm.linen's module docstring and the README's migration notes.
 DIFFERENT_DEFAULTS = {"use_fast_variance": (False, True)}  # (jaxnorm, Flax)
+RUNNING_STATISTICS = ["track_running_stats", "momentum", "use_running_average"]
 EXTRAS = {
     "BatchNorm": ["unbiased_running_var", "virtual_batch_size"],
     "GroupNorm": ["feature_axis"],
+    "LayerNorm": ["zero_centered_scale"],
+    "RMSNorm": ["zero_centered_scale", "use_bias", "bias_init"],
+    "InstanceNorm": RUNNING_STATISTICS,
 }
 NNX_EXTRAS = {"BatchNorm": ["unbiased_running_var", "virtual_batch_size"],
-              "GroupNorm": ["feature_axis"]}
+              "GroupNorm": ["feature_axis"],
+              "LayerNorm": ["zero_centered_scale"],
+              "RMSNorm": ["zero_centered_scale", "use_bias", "bias_init", "bias_metadata"],
+              "InstanceNorm": RUNNING_STATISTICS}
 MISSING = {}  # arguments Flax has and jaxnorm lacks: none
 
 
@@ -108,6 +115,10 @@ def test_every_public_class_runs_in_both_apis():
             b = nnx_cls()(x, x[::-1])
         elif name == "LocalResponseNorm":
             a, b = linen_cls().apply({}, x), nnx_cls()(x)
+        elif name == "AddAndNorm":
+            module = linen_cls()
+            a = module.apply(module.init(jax.random.key(0), x, x[::-1]), x, x[::-1])
+            b = nnx_cls(6, rngs=nnx.Rngs(0))(x, x[::-1])
         elif name == "ConditionalInstanceNorm":
             ids = jnp.array([0, 2])
             module = linen_cls(num_styles=3)
