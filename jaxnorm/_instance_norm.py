@@ -28,12 +28,13 @@ Array = jax.Array
 
 
 def spatial_axes(ndim: int, features: tuple[int, ...], shape: tuple[int, ...],
-                 caller: str, argument: Any) -> tuple[int, ...]:
-    """The axes except the batch axis 0 and ``features``; errors name ``caller``."""
+                 caller: str, argument: Any, allow_none: bool = False) -> tuple[int, ...]:
+    """The axes except the batch axis 0 and ``features``; errors name ``caller``. None
+    left raises unless ``allow_none``."""
     if 0 in features:
         raise ValueError("feature_axes must not contain the batch axis 0")
     reduction = complement_axes(ndim, (0,), features)
-    if not reduction:
+    if not reduction and not allow_none:
         raise ValueError(
             f"{caller} needs a spatial axis besides the batch axis 0 and "
             f"feature_axes={argument!r}; the input has shape {shape}"
@@ -66,7 +67,7 @@ def instance_norm(
     x: Array, scale: Array | None = None, bias: Array | None = None, *,
     feature_axes: Axes = -1, eps: float = 1e-6, mask: Array | None = None,
     axis_name: Any = None, axis_index_groups: Any = None, dtype: Any = None,
-    fast_variance: bool = False, return_moments: bool = False,
+    fast_variance: bool = False, return_moments: bool = False, allow_single_value: bool = False,
 ) -> Array | tuple[Array, BatchMoments]:
     r"""Instance normalization (Ulyanov et al. 2016).
 
@@ -96,6 +97,9 @@ def instance_norm(
       fast_variance: Flax's one-pass variance (see :func:`jaxnorm.moments`).
       return_moments: also return the pooled :class:`jaxnorm.BatchMoments` (feature shape,
         at least float32), for :func:`jaxnorm.update_running_statistics`.
+      allow_single_value: accept an ``x`` with no axis left to reduce (``(N, C)``): each
+        value is its own set and the output is ``bias``, as Flax's modules do; by default
+        that raises ``ValueError``.
 
     Returns:
       ``y``, the shape of ``x``; with ``return_moments``, ``(y, moments)``.
@@ -107,7 +111,8 @@ def instance_norm(
     """
     x = check_floating(x, allow_complex=True)
     features = canonicalize_axes(feature_axes, x.ndim, "feature_axes")
-    reduction = spatial_axes(x.ndim, features, x.shape, "instance_norm", feature_axes)
+    reduction = spatial_axes(x.ndim, features, x.shape, "instance_norm", feature_axes,
+                             allow_single_value)
     y, mean, var, count = normalize_with_moments(
         x, reduction, scale, bias, feature_axes=features, eps=eps, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype,

@@ -12,7 +12,7 @@ r"""Running statistics: the ``batch_stats`` a BatchNorm layer keeps between batc
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -145,8 +145,11 @@ def update_running_statistics(
       0.1
     """
     check_momentum(momentum)
+    # the mean may be complex (complex input); the variance, of |x - mu|^2, is real
     dtype = jnp.promote_types(jnp.promote_types(running.mean.dtype, batch.mean.dtype),
                               jnp.float32)
+    var_dtype = jnp.promote_types(jnp.promote_types(running.var.dtype, batch.var.dtype),
+                                  jnp.float32)
     counted = batch.count > 0
     var = batch.var
     if unbiased:
@@ -155,7 +158,7 @@ def update_running_statistics(
         if running.count is None:
             raise ValueError("momentum=None needs a batch count in the running statistics")
         seen = running.count + jnp.any(counted).astype(running.count.dtype)
-        weight = 1 / jnp.maximum(seen, 1).astype(dtype)
+        weight = 1 / jnp.maximum(seen, 1).astype(var_dtype)  # real, also for a complex mean
 
         def average(old: Array, new: Array) -> Array:
             return old + (new - old) * weight
@@ -165,8 +168,9 @@ def update_running_statistics(
         def average(old: Array, new: Array) -> Array:
             return momentum * old + (1 - momentum) * new
 
-    def blend(old: Array, new: Array) -> Array:
+    def blend(old: Array, new: Array, dtype: Any) -> Array:
         old = old.astype(dtype)
         return lax.stop_gradient(jnp.where(counted, average(old, new.astype(dtype)), old))
 
-    return RunningStatistics(blend(running.mean, batch.mean), blend(running.var, var), seen)
+    return RunningStatistics(blend(running.mean, batch.mean, dtype),
+                             blend(running.var, var, var_dtype), seen)

@@ -592,7 +592,8 @@ class InstanceNorm(nn.Module):
         scale, bias = _scale_and_bias(self, shape, self.use_scale, self.use_bias)
         options = {"feature_axes": features, "eps": self.epsilon, "mask": mask,
                    "axis_name": self.axis_name, "axis_index_groups": self.axis_index_groups,
-                   "dtype": self.dtype, "fast_variance": self.use_fast_variance}
+                   "dtype": self.dtype, "fast_variance": self.use_fast_variance,
+                   "allow_single_value": True}  # (N, C) input: output bias, as Flax
         if not self.track_running_stats:
             return jaxnorm.instance_norm(x, scale, bias, **options)
         use_running_average = nn.merge_param(

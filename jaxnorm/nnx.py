@@ -866,7 +866,8 @@ class InstanceNorm(nnx.Module):
         )
         options = {"feature_axes": self.feature_axes, "eps": self.epsilon, "mask": mask,
                    "axis_name": self.axis_name, "axis_index_groups": self.axis_index_groups,
-                   "dtype": self.dtype, "fast_variance": self.use_fast_variance}
+                   "dtype": self.dtype, "fast_variance": self.use_fast_variance,
+                   "allow_single_value": True}  # (N, C) input: output bias, as Flax
         if not self.track_running_stats:
             return jaxnorm.instance_norm(x, scale, bias, **options)
         if first_from(use_running_average, self.use_running_average,

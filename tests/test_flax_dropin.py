@@ -83,13 +83,6 @@ def _closed_form(x, axes, eps, centered=True):
 # tests/nnx/nn/normalization_test.py: NNX and Linen agree (here: with each other and Flax)
 # --------------------------------------------------------------------------------------
 
-NO_SPATIAL_AXIS = pytest.mark.xfail(
-    strict=True,
-    reason="issue 10 (drop-in breaks found by Flax's own tests): InstanceNorm with no axis "
-    "left to reduce (x of shape (N, C), or feature_axes=(1, 2, 3)) raises 'needs a spatial "
-    "axis'; Flax normalizes each value by itself and outputs bias",
-)
-
 # Flax's product of dtype x param_dtype, reduced to full and half precision throughout (plus
 # float16 compute with float32 parameters for BatchNorm, whose statistics stay float32).
 DTYPES = [(jnp.float32, jnp.float32), (jnp.float16, jnp.float16)]
@@ -112,8 +105,7 @@ def _five_layers(lib, api, name, features, **kwargs):
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "two-pass"])
 @pytest.mark.parametrize(("name", "dtype", "param_dtype"), [
     pytest.param(name, dtype, param_dtype,
-                 id=f"{name}-{jnp.dtype(dtype).name}-{jnp.dtype(param_dtype).name}",
-                 marks=NO_SPATIAL_AXIS if name == "InstanceNorm" else ())
+                 id=f"{name}-{jnp.dtype(dtype).name}-{jnp.dtype(param_dtype).name}")
     for name in FIVE
     for dtype, param_dtype in DTYPES + [(jnp.float16, jnp.float32)] * (name == "BatchNorm")
 ])
@@ -384,7 +376,7 @@ def test_batch_norm_with_axis_name_initializes_outside_the_mapped_axis():
 
 
 @pytest.mark.parametrize("feature_axes", [-1, (1, 2),
-                                          pytest.param((1, 2, 3), marks=NO_SPATIAL_AXIS)])
+                                          pytest.param((1, 2, 3))])
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_instance_norm_over_the_other_axes_with_fast_variance(api, feature_axes):
     x = np.asarray(jax.random.normal(jax.random.key(14), (2, 3, 4, 5)))

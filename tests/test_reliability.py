@@ -680,20 +680,12 @@ def test_integer_input_is_promoted_as_flax(api, name, features, kwargs, shape):
     _compare_with_flax(api, name, features, kwargs, x, rtol=1e-5)
 
 
-COMPLEX_VAR_DTYPE = pytest.mark.xfail(
-    strict=True,
-    reason="issue 10: complex inputs with Flax's semantics: Linen BatchNorm stores the running "
-    "var as complex64 (Flax: float32, |x|^2 statistics are real)",
-)
-
-
 # NNX assigns the complex batch mean into the float32 BatchStat (Flax's own layer does too):
 # JAX warns that the imaginary part is dropped.
 @pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")
 @pytest.mark.filterwarnings("ignore:Casting complex values to real")
 @pytest.mark.parametrize(("api", "name", "features", "kwargs", "shape"), [
-    pytest.param(api, *case, id=f"{api}-{case[0]}",
-                 marks=COMPLEX_VAR_DTYPE if (api, case[0]) == ("linen", "BatchNorm") else ())
+    pytest.param(api, *case, id=f"{api}-{case[0]}")
     for api in APIS for case in PROMOTION_CASES
     if case[0] in ("BatchNorm", "LayerNorm", "GroupNorm")
 ])
