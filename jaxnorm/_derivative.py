@@ -29,7 +29,7 @@ from jax import lax
 
 from jaxnorm._affine import NormSpec, compute_dtype, standardize
 from jaxnorm._axes import check_floating
-from jaxnorm._stats import element_count, shifted_moments, statistics_dtype
+from jaxnorm._stats import element_count, shifted_moments
 
 Array = jax.Array
 
@@ -68,7 +68,7 @@ def _forward(
     x = check_floating(x)
     compute = compute_dtype(x.dtype, spec.dtype)
     stats = shifted_moments(
-        x.astype(statistics_dtype(x.dtype)), spec.reduction, mask,
+        x, spec.reduction, mask,
         centered=spec.centered, fast_variance=spec.fast_variance, single_pass=differentiated,
     )
     mean = stats.mean.astype(compute)

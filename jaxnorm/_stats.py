@@ -155,25 +155,28 @@ def _guarded(x: jax.Array, axes: tuple[int, ...], moments: ShiftedMoments) -> Sh
 
 def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
                   single_pass: bool = False) -> ShiftedMoments:
-    """One device's statistics: shifted by each set's first element in one pass
-    (:func:`_guarded`), or two passes under a mask and, on GPU, for contiguous sets unless
-    ``single_pass`` (inside a derivative, where the shifted sums fuse better with the
-    backward's reductions)."""
+    """One device's statistics of a floating ``x`` (any precision; summed in at least
+    float32): shifted by each set's first element in one pass (:func:`_guarded`), or two
+    passes under a mask and, on GPU, for contiguous sets unless ``single_pass`` (inside a
+    derivative, where the shifted sums fuse better with the backward's reductions). Pivots
+    are sliced from ``x`` before its conversion, so no converted copy is made for them."""
+    raw, x = x, x.astype(statistics_dtype(x.dtype))
     if mask is not None:
         return _two_pass(x, axes, mask)
 
-    def shifted(x: jax.Array) -> ShiftedMoments:
-        pivot = _first_elements(x, axes)
+    def shifted(x: jax.Array, raw: jax.Array) -> ShiftedMoments:
+        pivot = _first_elements(raw, axes).astype(x.dtype)
         return _guarded(x, axes, _from_sums(pivot, *_shifted_sums(x, pivot, axes, None)))
 
     if single_pass or axes != tuple(range(x.ndim - len(axes), x.ndim)):
-        return shifted(x)
+        return shifted(x, raw)
     # Contiguous sets (LayerNorm's rows): a GPU kernel holds each row while it reduces it,
-    # so two passes cost one read (measured: one kernel at the ideal bytes); on TPU and CPU
-    # the shifted single pass is cheaper.
+    # so the refined two passes cost one read (one kernel at the ideal bytes); TPU keeps
+    # its layout with a tile pivot (:func:`_tile_shifted`); CPU takes the shifted pass.
     return lax.platform_dependent(
-        x, cuda=lambda x: _refined_rows(x, axes), rocm=lambda x: _refined_rows(x, axes),
-        default=shifted,
+        x, raw, cuda=lambda x, raw: _refined_rows(x, axes),
+        rocm=lambda x, raw: _refined_rows(x, axes),
+        tpu=lambda x, raw: _tile_shifted(x, raw, axes), default=shifted,
     )
 
 
@@ -186,6 +189,24 @@ def _refined_rows(x: jax.Array, axes: tuple[int, ...]) -> ShiftedMoments:
     mean = mean + jnp.sum(x - mean, axis=axes, keepdims=True) / count
     var = jnp.sum(jnp.square(x - mean), axis=axes, keepdims=True) / count
     return ShiftedMoments(mean, jnp.zeros_like(mean), var, jnp.broadcast_to(count, mean.shape))
+
+
+TPU_LANES = 128
+
+
+def _tile_shifted(x: jax.Array, raw: jax.Array, axes: tuple[int, ...]) -> ShiftedMoments:
+    """Contiguous sets on TPU: the pivot is the mean of each row's first lane tile (up to
+    128 elements of the last axis, at the first index of the other reduction axes). A
+    single-element slice of the minor axis would make XLA:TPU transpose ``x`` and the
+    output; a whole tile keeps the layout, and its mean lies closer to the set's mean than
+    one element does. For a constant set the pivot differs from the constant by at most a
+    rounding, which the shifted sums carry exactly (``x - p`` is exact near ``p``)."""
+    lanes = min(TPU_LANES, x.shape[-1])
+    tile = tuple(slice(0, lanes) if a == x.ndim - 1 else slice(0, 1) if a in axes
+                 else slice(None) for a in range(x.ndim))
+    pivot = jnp.mean(raw[tile].astype(x.dtype), axis=axes, keepdims=True)
+    pivot = lax.stop_gradient(lax.optimization_barrier(pivot))
+    return _from_sums(pivot, *_shifted_sums(x, pivot, axes, None))
 
 
 def _combine_across(moments: ShiftedMoments, axis_name: Any, axis_index_groups: Any
@@ -210,7 +231,7 @@ def shifted_moments(
     axis_name: Any = None, axis_index_groups: Any = None, pivot: jax.Array | None = None,
     centered: bool = True, fast_variance: bool = False, single_pass: bool = False,
 ) -> ShiftedMoments:
-    r"""The statistics of a floating ``x`` already in the statistics dtype, with canonical
+    r"""The statistics of a floating ``x`` (summed in at least float32), with canonical
     ``axes`` and a full-shape boolean ``mask`` (module docstring).
 
     Across ``axis_name`` with a ``pivot`` (keepdims, the same on every member, e.g. the
@@ -220,9 +241,10 @@ def shifted_moments(
     (:func:`_combine_across`), robust to outliers at the price of three collectives.
     ``centered=False`` gives mean 0 and :math:`E[x^2]`; ``fast_variance`` Flax's unshifted
     one-pass formula; both one ``psum``."""
+    raw, x = x, x.astype(statistics_dtype(x.dtype))
     if centered and not fast_variance and pivot is None:
         if axis_name is None:
-            return local_moments(x, axes, mask, single_pass)
+            return local_moments(raw, axes, mask, single_pass)
         pivot = _agreed_pivot(x, axes, mask, axis_name, axis_index_groups)
         local = local_moments(x - pivot, axes, mask)
         # each member's mean relative to the shared pivot, then merged
@@ -292,9 +314,9 @@ def moments_and_count(
     x = check_floating(x, allow_complex=True)
     axes = canonicalize_axes(axes, x.ndim, "axes")
     mask = broadcast_mask(mask, x.shape)
-    x = x.astype(statistics_dtype(x.dtype))
     if jnp.iscomplexobj(x):
-        return _complex_moments(x, axes, mask, axis_name, axis_index_groups)
+        return _complex_moments(x.astype(statistics_dtype(x.dtype)), axes, mask, axis_name,
+                                axis_index_groups)
     moments = shifted_moments(x, axes, mask, axis_name=axis_name,
                               axis_index_groups=axis_index_groups, centered=centered,
                               fast_variance=fast_variance, pivot=pivot)
