@@ -11,8 +11,9 @@ called as ``model(tokens, train)``.
   leading time axis of the training length; :func:`statistics_for_length` stretches them to
   another length, reusing the last step's statistics beyond it.
 - :class:`CharTransformer`: a decoder-only (causal) transformer, pre-norm with LayerNorm or
-  RMSNorm, or post-norm with LayerNorm. Every residual addition goes through
-  :func:`add_then_norm`, the contract of ``jaxnorm.add_and_norm``.
+  RMSNorm, or post-norm with LayerNorm. Every residual addition and the norm after it are
+  one :class:`jaxnorm.linen.AddAndNorm` call (``jaxnorm.add_and_norm``), which returns the
+  normalized sum and the sum.
 """
 
 from __future__ import annotations
@@ -30,25 +31,6 @@ Array = jax.Array
 LSTM_NORMS = ("none", "layer", "batch")
 TRANSFORMER_NORMS = ("pre_layer", "pre_rms", "post_layer")
 BATCH_NORM_GATE_SCALE = 0.1  # Cooijmans et al.: gate BN scale starts at 0.1, not 1
-
-
-def add_then_norm(norm: nn.Module, x: Array, residual: Array) -> tuple[Array, Array]:
-    """``(norm(x + residual), x + residual)``: a residual addition and the norm after it.
-
-    This is the contract of ``jaxnorm.add_and_norm(x, residual, ...)``; when that lands,
-    the two lines below become one call to it (with ``norm``'s parameters), the only change
-    the models need.
-
-    Args:
-      norm: the normalization module applied to the sum.
-      x: the sublayer's output, ``(..., width)``.
-      residual: the residual stream, the same shape as ``x``.
-
-    Returns:
-      The normalized sum and the sum (the new residual stream).
-    """
-    summed = x + residual
-    return norm(summed), summed
 
 
 class LSTMCell(nn.Module):
@@ -200,7 +182,7 @@ class CharTransformer(nn.Module):
 
     Pre-norm (``pre_layer``, ``pre_rms``): :math:`h \leftarrow h + F(N(h))` for every
     sublayer :math:`F` (attention, feed-forward), and a final :math:`N` before the read-out;
-    each norm after an addition is that addition's :func:`add_then_norm`. Post-norm
+    each norm after an addition is one :class:`jaxnorm.linen.AddAndNorm` with it. Post-norm
     (``post_layer``, the original transformer): :math:`h \leftarrow N(h + F(h))`.
 
     Attributes:
@@ -224,6 +206,12 @@ class CharTransformer(nn.Module):
         if self.norm == "pre_rms":
             return jnn.RMSNorm(name=f"norm_{index}")
         return jnn.LayerNorm(name=f"norm_{index}")
+
+    def _add_and_norm(self, index: int) -> nn.Module:
+        """The ``index``-th norm, after a residual addition: ``(norm(x + r), x + r)`` in one
+        call (the same ``scale``/``bias`` parameters as :meth:`_norm`'s layer)."""
+        kind = "rms" if self.norm == "pre_rms" else "layer"
+        return jnn.AddAndNorm(kind=kind, name=f"norm_{index}")
 
     @nn.compact
     def __call__(self, tokens: Array, train: bool) -> Array:
@@ -250,6 +238,6 @@ class CharTransformer(nn.Module):
         normalized = self._norm(0)(stream) if pre_norm else stream
         for index, sublayer in enumerate(sublayers, start=1):
             update = sublayer(normalized if pre_norm else stream)
-            normalized, summed = add_then_norm(self._norm(index), update, stream)
+            normalized, summed = self._add_and_norm(index)(update, stream)
             stream = summed if pre_norm else normalized
         return nn.Dense(self.vocab_size, name="readout")(normalized)

@@ -19,9 +19,13 @@ relative error :math:`\delta` of the sums, and :math:`p` is a sample of the data
 :math:`(\mu-p)^2/\sigma^2` is of order one however large :math:`|\mu|/\sigma`; and
 :math:`x - p` is exact for :math:`x` near :math:`p` (Sterbenz). A constant set gives
 :math:`d = 0`: exactly :math:`\mu = x`, :math:`\sigma^2 = 0` (so a normalized output of
-exactly ``bias``). One fused pass on every backend, no branch. Under a mask the first
+exactly ``bias``). The arrangement is chosen per backend (:func:`local_moments`, with
+``lax.platform_dependent``): the shifted single pass, no branch, on GPU and TPU (GPU's
+LayerNorm rows: three fused row reductions in one kernel; TPU's: a tile-mean pivot); on
+CPU the in-cache refined rows and, for strided sets, a conditioned one-pass with a
+``lax.cond`` fallback to two passes (:func:`_cpu_moments`). Under a mask the first
 element may be masked out (and hold anything), so masked sets take two passes (the mean,
-then the centred squares) instead.
+then the centred squares).
 
 Across a mapped axis (``axis_name``) every member shifts by the same pivot (given, e.g.
 the replicated running mean, or agreed on with one ``pmax`` of the members' first counted
@@ -134,59 +138,81 @@ def _agreed_pivot(
     return lax.stop_gradient(jnp.where(jnp.isfinite(pivot), pivot, 0))
 
 
-# Largest offset² / var (offset: mean - pivot) for which the shifted one-pass variance is
-# kept on CPU: its rounding error is then at most 17 times that of two passes.
+# Largest mean² / var for which XLA:CPU keeps the unshifted one-pass variance: its rounding
+# error is then at most 17 times that of two passes (see _cpu_moments).
 ONE_PASS_CONDITION_LIMIT = 16.0
 
 
-def _guarded(x: jax.Array, axes: tuple[int, ...], moments: ShiftedMoments) -> ShiftedMoments:
-    """On CPU, the shifted one-pass moments unless some set's pivot lies more than four
-    standard deviations from its mean (an outlier as first element); then ``lax.cond``
-    recomputes with two passes. Elsewhere the moments as they are: a branch around
-    full-size data blocks fusion on GPU and TPU."""
-
-    def checked(moments: ShiftedMoments) -> ShiftedMoments:
-        offset, var = moments.offset, moments.var
-        well_conditioned = jnp.all(offset * offset <= ONE_PASS_CONDITION_LIMIT * var)
-        return lax.cond(well_conditioned, lambda: moments, lambda: _two_pass(x, axes, None))
-
-    return lax.platform_dependent(moments, cpu=checked, default=lambda moments: moments)
+def _cpu_moments(x: jax.Array, axes: tuple[int, ...], raw: jax.Array | None = None
+                 ) -> ShiftedMoments:
+    r"""XLA:CPU's fastest accurate arrangement (measured, ``benchmarks/RESULTS.md``).
+    Contiguous sets: the refined rows (:func:`_refined_rows`), in cache. Strided sets:
+    :math:`E[x]` and :math:`E[x^2]` in one sweep, kept when every set has :math:`\mu^2 \le
+    16\sigma^2` (rounding error at most :math:`17\delta`, against :math:`\delta` for two
+    passes); otherwise (large offsets, constant sets, outliers) ``lax.cond`` runs the
+    refined two passes, exact for constant sets. The branch converts ``raw`` (the
+    unconverted ``x``) itself: a converted copy passed in would be stored full-size."""
+    raw = x if raw is None else raw
+    if axes == tuple(range(x.ndim - len(axes), x.ndim)):
+        return _refined_rows(x, axes, refine=jnp.dtype(raw.dtype).itemsize >= 4)
+    count = element_count(x.shape, axes, None, x.dtype)
+    mean = jnp.sum(x, axis=axes, keepdims=True) / count
+    var = jnp.maximum(jnp.sum(x * x, axis=axes, keepdims=True) / count - mean * mean, 0)
+    one_pass = ShiftedMoments(mean, jnp.zeros_like(mean), var,
+                              jnp.broadcast_to(count, mean.shape))
+    well_conditioned = jnp.all(mean * mean <= ONE_PASS_CONDITION_LIMIT * var)
+    return lax.cond(well_conditioned, lambda: one_pass,
+                    lambda: _two_pass(raw.astype(x.dtype), axes, None))
 
 
 def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
                   single_pass: bool = False) -> ShiftedMoments:
     """One device's statistics of a floating ``x`` (any precision; summed in at least
-    float32): shifted by each set's first element in one pass (:func:`_guarded`), or two
-    passes under a mask and, on GPU, for contiguous sets unless ``single_pass`` (inside a
-    derivative, where the shifted sums fuse better with the backward's reductions). Pivots
-    are sliced from ``x`` before its conversion, so no converted copy is made for them."""
+    float32), arranged per backend by ``lax.platform_dependent``: two passes under a mask;
+    otherwise on GPU and TPU the shifted single pass (pivot: each set's first element),
+    except for contiguous sets outside a derivative (``single_pass=False``), where GPU
+    fuses the refined rows into one kernel (:func:`_refined_rows`) and TPU shifts by a tile
+    mean (:func:`_tile_shifted`); on CPU :func:`_cpu_moments`. Pivots are sliced from ``x``
+    before its conversion, so no converted copy is made for them."""
     raw, x = x, x.astype(statistics_dtype(x.dtype))
     if mask is not None:
         return _two_pass(x, axes, mask)
+    contiguous = axes == tuple(range(x.ndim - len(axes), x.ndim)) and not single_pass
 
     def shifted(x: jax.Array, raw: jax.Array) -> ShiftedMoments:
-        pivot = _first_elements(raw, axes).astype(x.dtype)
-        return _guarded(x, axes, _from_sums(pivot, *_shifted_sums(x, pivot, axes, None)))
+        return _first_element_shifted(x, raw, axes)
 
-    if single_pass or axes != tuple(range(x.ndim - len(axes), x.ndim)):
-        return shifted(x, raw)
-    # Contiguous sets (LayerNorm's rows): a GPU kernel holds each row while it reduces it,
-    # so the refined two passes cost one read (one kernel at the ideal bytes); TPU keeps
-    # its layout with a tile pivot (:func:`_tile_shifted`); CPU takes the shifted pass.
+    def gpu(x: jax.Array, raw: jax.Array) -> ShiftedMoments:
+        return _refined_rows(x, axes) if contiguous else shifted(x, raw)
+
+    def tpu(x: jax.Array, raw: jax.Array) -> ShiftedMoments:
+        return _tile_shifted(x, raw, axes) if contiguous else shifted(x, raw)
+
     return lax.platform_dependent(
-        x, raw, cuda=lambda x, raw: _refined_rows(x, axes),
-        rocm=lambda x, raw: _refined_rows(x, axes),
-        tpu=lambda x, raw: _tile_shifted(x, raw, axes), default=shifted,
+        x, raw, cpu=lambda x, raw: _cpu_moments(x, axes, raw), cuda=gpu, rocm=gpu, tpu=tpu,
+        default=shifted,
     )
 
 
-def _refined_rows(x: jax.Array, axes: tuple[int, ...]) -> ShiftedMoments:
-    """Three reductions of each row, fused by XLA into the row's one kernel: the mean
-    :math:`m`, the refined mean :math:`m + \frac1n\\sum (x - m)` (exact for constant rows),
-    and :math:`\frac1n\\sum (x - \\mu)^2`. ``pivot`` is the refined mean."""
+def _first_element_shifted(x: jax.Array, raw: jax.Array, axes: tuple[int, ...]
+                           ) -> ShiftedMoments:
+    """The shifted single pass with each set's first element (sliced from ``raw``, the
+    unconverted ``x``) as the pivot: one fused pass, no branch."""
+    pivot = _first_elements(raw, axes).astype(x.dtype)
+    return _from_sums(pivot, *_shifted_sums(x, pivot, axes, None))
+
+
+def _refined_rows(x: jax.Array, axes: tuple[int, ...], refine: bool = True
+                  ) -> ShiftedMoments:
+    r"""Three reductions of each row, fused by XLA into the row's one kernel: the mean
+    :math:`m`, the refined mean :math:`m + \frac1n\sum (x - m)` (exact for constant rows),
+    and :math:`\frac1n\sum (x - \mu)^2`. ``pivot`` is the refined mean. ``refine=False``
+    skips the refinement, for half-precision input: summed in float32, a constant set of up
+    to 2**13 float16 / 2**16 bfloat16 values has an exact sum, so its mean is exact."""
     count = element_count(x.shape, axes, None, x.dtype)
     mean = jnp.sum(x, axis=axes, keepdims=True) / count
-    mean = mean + jnp.sum(x - mean, axis=axes, keepdims=True) / count
+    if refine:
+        mean = mean + jnp.sum(x - mean, axis=axes, keepdims=True) / count
     var = jnp.sum(jnp.square(x - mean), axis=axes, keepdims=True) / count
     return ShiftedMoments(mean, jnp.zeros_like(mean), var, jnp.broadcast_to(count, mean.shape))
 

@@ -1,8 +1,8 @@
 """The statistics paths that ``lax.platform_dependent`` selects on GPU and TPU, run on CPU.
 
-The test suite runs on CPU, where the dispatcher takes the shifted single pass with its
-conditioned fallback; GPU's fused row reductions (``_refined_rows``) and TPU's tile pivot
-(``_tile_shifted``) would otherwise go untested. Each must keep the numerics guarantees:
+The test suite runs on CPU, where the dispatcher takes ``_cpu_moments``; GPU's fused row
+reductions (``_refined_rows``), TPU's tile pivot (``_tile_shifted``) and the shifted single
+pass both use for strided sets and inside derivatives would otherwise go untested. Each must keep the numerics guarantees:
 two-pass accuracy at |mean|/std = 1e4 and exact statistics for constant sets."""
 
 from __future__ import annotations
@@ -26,13 +26,19 @@ def _tile_shifted(x, axes):
 
 
 def _shifted_single_pass(x, axes):
-    return _stats.local_moments(jnp.asarray(x), axes, None, single_pass=True)
+    raw = jnp.asarray(x)
+    return _stats._first_element_shifted(raw.astype(jnp.float32), raw, axes)
+
+
+def _cpu_moments(x, axes):
+    return _stats._cpu_moments(jnp.asarray(x, jnp.float32), axes)
 
 
 PATHS = [
     pytest.param(_refined_rows, id="gpu-refined-rows"),
     pytest.param(_tile_shifted, id="tpu-tile-pivot"),
-    pytest.param(_shifted_single_pass, id="shifted-single-pass"),
+    pytest.param(_shifted_single_pass, id="gpu-tpu-shifted-single-pass"),
+    pytest.param(_cpu_moments, id="cpu"),
 ]
 
 

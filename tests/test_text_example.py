@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxnorm import linen as jnn
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
@@ -180,11 +182,17 @@ def test_transformer_is_causal_and_normalizes_after_every_addition(norm: str) ->
         jax.eval_shape(apply, variables, jnp.zeros((1, 9), jnp.int32))
 
 
-def test_add_then_norm_returns_the_normalized_sum_and_the_sum() -> None:
-    x, residual = np.arange(6.0).reshape(2, 3), np.ones((2, 3))
-    normalized, summed = text_models.add_then_norm(lambda z: 2 * z, x, residual)
-    np.testing.assert_array_equal(summed, x + 1)
-    np.testing.assert_array_equal(normalized, 2 * (x + 1))
+def test_residual_norms_return_the_normalized_sum_and_the_sum() -> None:
+    # the transformer's post-addition norms: jaxnorm.linen.AddAndNorm, with LayerNorm's and
+    # RMSNorm's parameters
+    x = np.arange(6.0, dtype=np.float32).reshape(2, 3)
+    residual = np.ones((2, 3), np.float32)
+    for kind, norm in (("layer", jnn.LayerNorm()), ("rms", jnn.RMSNorm())):
+        module = jnn.AddAndNorm(kind=kind)
+        variables = module.init(jax.random.key(0), x, residual)
+        normalized, summed = module.apply(variables, x, residual)
+        np.testing.assert_array_equal(summed, x + 1)
+        np.testing.assert_allclose(normalized, norm.apply(variables, x + 1), rtol=1e-6)
 
 
 def test_bad_arguments_are_errors_naming_them(corpus: train_text.Corpus) -> None:
