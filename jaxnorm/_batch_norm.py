@@ -156,7 +156,7 @@ def batch_norm(
     r"""Training-mode batch normalization: statistics over every axis except ``axis``.
 
     :math:`y = (x - \mu_B)\,\gamma / \sqrt{\sigma_B^2 + \epsilon} + \beta` (module
-    docstring for the ghost-batch and renormalization options).
+    docstring for the ghost-batch and renormalization options; examples in the API docs).
 
     Args:
       x: floating input.
@@ -168,47 +168,38 @@ def batch_norm(
       axis_name: combine the batch statistics across this mapped axis, count-weighted.
       axis_index_groups: groups within ``axis_name``.
       dtype: output dtype; default: promoted dtype of ``x``, ``scale``, ``bias``.
-      virtual_batch_size: ghost batch norm: statistics per consecutive group of this many
-        examples along axis 0 (each device's own groups under ``axis_name``).
+      virtual_batch_size: ghost batch norm: statistics per group of this many examples.
       renorm: a :class:`jaxnorm.Renorm` for batch renormalization, or None.
       fast_variance: Flax's one-pass variance (see :func:`jaxnorm.moments`).
       allow_single_value: accept one value per channel (output ``bias``, variance 0), as
         Flax's modules do; by default it raises ``ValueError``.
-      return_moments: return ``(y, BatchMoments)`` (with counts, for
-        :func:`jaxnorm.update_running_statistics`) instead of ``(y, mean, var)``.
-      pivot: with ``axis_name``, a value of feature shape that every member holds, e.g.
-        the replicated running mean (the modules pass it): the statistics are then one
-        ``psum`` of sums of :math:`x - p`, accurate while :math:`|\mu_B - p|/\sigma_B` is
-        moderate. Without it the members agree on a data pivot and merge their own
-        statistics exactly (three collectives, robust to outliers).
+      return_moments: return ``(y, BatchMoments)`` (for the running-statistics update).
+      pivot: with ``axis_name``, a feature-shaped value every member holds (the modules
+        pass the running mean): then one ``psum`` of sums of :math:`x - p`, accurate while
+        :math:`|\mu_B - p|/\sigma_B` is moderate; without it, a ``pmax``-agreed data pivot
+        and an exact merge of the members' statistics (three collectives).
 
     Returns:
       ``(y, mean, var)``: the biased batch mean and variance in feature shape, at least
       float32 (with ghost batches: the groups' mean and pooled variance).
-
-    Example:
-      >>> import jax.numpy as jnp, jaxnorm
-      >>> y, mean, var = jaxnorm.batch_norm(jnp.array([[1.0], [3.0]]))
-      >>> float(mean[0]), float(var[0])
-      (2.0, 1.0)
     """
     x = check_floating(x, allow_complex=True)
     features = canonicalize_axes(axis, x.ndim, "axis")
     spec_eps, traced_eps = static_eps(eps)
     scale, bias = feature_parameters(x, scale, bias, features)
-    spec_dtype = output_dtype(dtype, x, scale, bias)
     grouping = _group(x, broadcast_mask(mask, x.shape), features, virtual_batch_size)
     ghost = virtual_batch_size is not None
     # Ghost batches are consecutive examples, so each lies on one device: local statistics.
     stats_axis = None if ghost else axis_name
     if not allow_single_value:
         _check_spread(grouping, stats_axis is not None, x, axis, virtual_batch_size)
-    spec = NormSpec(grouping.reduction, spec_eps, spec_dtype, True, fast_variance)
-    if pivot is not None and stats_axis is not None:
-        pivot, _ = feature_parameters(x, pivot, None, features, names=("pivot", ""))
+    spec = NormSpec(grouping.reduction, spec_eps, output_dtype(dtype, x, scale, bias), True,
+                    fast_variance)
+    pivot = None if stats_axis is None else feature_parameters(
+        x, pivot, None, features, names=("pivot", ""))[0]
     y, mean, var, count = _normalize_groups(
         grouping, scale, bias, spec, _expanded_renorm(renorm, x, features), stats_axis,
-        axis_index_groups, traced_eps, ghost, None if stats_axis is None else pivot,
+        axis_index_groups, traced_eps, ghost, pivot,
     )
     moments = _batch_moments(grouping, mean, var, count, axis_name, axis_index_groups, ghost)
     if return_moments:

@@ -146,31 +146,36 @@ def update_running_statistics(
     """
     check_momentum(momentum)
     # the mean may be complex (complex input); the variance, of |x - mu|^2, is real
-    dtype = jnp.promote_types(jnp.promote_types(running.mean.dtype, batch.mean.dtype),
-                              jnp.float32)
-    var_dtype = jnp.promote_types(jnp.promote_types(running.var.dtype, batch.var.dtype),
-                                  jnp.float32)
+    def at_least_float32(*dtypes: Any) -> Any:
+        return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+
+    # the mean may be complex (complex input); the variance, of |x - mu|^2, is real
+    var_dtype = at_least_float32(running.var.dtype, batch.var.dtype)
     counted = batch.count > 0
     var = batch.var
     if unbiased:
         var = var * batch.count / jnp.maximum(batch.count - batch.groups, 1)
-    if momentum is None:
-        if running.count is None:
-            raise ValueError("momentum=None needs a batch count in the running statistics")
-        seen = running.count + jnp.any(counted).astype(running.count.dtype)
-        weight = 1 / jnp.maximum(seen, 1).astype(var_dtype)  # real, also for a complex mean
-
-        def average(old: Array, new: Array) -> Array:
-            return old + (new - old) * weight
-    else:
-        seen = running.count
-
-        def average(old: Array, new: Array) -> Array:
-            return momentum * old + (1 - momentum) * new
+    seen, average = _averaging(running.count, momentum, jnp.any(counted), var_dtype)
 
     def blend(old: Array, new: Array, dtype: Any) -> Array:
         old = old.astype(dtype)
         return lax.stop_gradient(jnp.where(counted, average(old, new.astype(dtype)), old))
 
-    return RunningStatistics(blend(running.mean, batch.mean, dtype),
-                             blend(running.var, var, var_dtype), seen)
+    return RunningStatistics(
+        blend(running.mean, batch.mean, at_least_float32(running.mean.dtype, batch.mean.dtype)),
+        blend(running.var, var, var_dtype), seen,
+    )
+
+
+def _averaging(
+    count: Array | None, momentum: float | None, counted: Array, dtype: Any
+) -> tuple[Array | None, Any]:
+    """``(new count, average(old, new))``: the exponential average of ``momentum``, or
+    with ``momentum=None`` the cumulative one, its count advanced when ``counted``."""
+    if momentum is not None:
+        return count, lambda old, new: momentum * old + (1 - momentum) * new
+    if count is None:
+        raise ValueError("momentum=None needs a batch count in the running statistics")
+    seen = count + counted.astype(count.dtype)
+    weight = 1 / jnp.maximum(seen, 1).astype(dtype)  # real, also for a complex mean
+    return seen, lambda old, new: old + (new - old) * weight
