@@ -44,8 +44,19 @@ Array = jax.Array
 
 
 class Renorm(NamedTuple):
-    r"""Batch renormalization's inputs: the running statistics (feature shape) and the
-    clipping limits :math:`r_{max} \ge 1`, :math:`d_{max} \ge 0`."""
+    r"""Batch renormalization's inputs (Ioffe 2017), for :func:`jaxnorm.batch_norm`:
+    :math:`r = \mathrm{clip}(\sigma_B/\sigma, 1/r_{max}, r_{max})`,
+    :math:`d = \mathrm{clip}((\mu_B - \mu)/\sigma, -d_{max}, d_{max})` with
+    :math:`\mu, \sigma` from the running statistics.
+
+    Attributes:
+      running_mean: the running mean :math:`\mu`, feature shape.
+      running_var: the stored running variance, feature shape;
+        :math:`\sigma = \sqrt{\text{running\_var} + \epsilon}`.
+      r_max: the largest correction :math:`r`, at least 1 (1 disables it); a traced value
+        (e.g. a schedule's) passes unchecked.
+      d_max: the largest correction :math:`|d|`, at least 0 (0 disables it).
+    """
 
     running_mean: Array
     running_var: Array

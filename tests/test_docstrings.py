@@ -29,7 +29,6 @@ from public_api import (
 
 # name -> the parameters its docstrings do not document yet (space-separated)
 _KNOWN_UNDOCUMENTED_BY_NAME = {
-    "jaxnorm.Renorm": "d_max r_max running_mean running_var",
 }
 KNOWN_UNDOCUMENTED = frozenset(
     (name, parameter)
