@@ -571,6 +571,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--min-repeats", type=int, default=30)
     parser.add_argument("--no-memory", action="store_true", help="skip the ResNet memory step")
+    parser.add_argument("--no-weight-norms", action="store_true",
+                        help="skip the WeightNorm / SpectralNorm comparison")
     parser.add_argument("--torch", action="store_true", help="PyTorch baselines (CUDA only)")
     parser.add_argument(
         "--shapes",
@@ -620,13 +622,84 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         memory = memory_comparison(args.quick)
         print()
         print(format_memory(memory))
-    result = {"environment": env, "summary": summary, "records": records, "memory": memory}
+    weight_norms = []
+    if not args.no_weight_norms:
+        weight_norms = weight_norm_comparison(args.quick, seconds)
+        print()
+        print(format_weight_norms(weight_norms))
+    result = {"environment": env, "summary": summary, "records": records, "memory": memory,
+              "weight_norms": weight_norms}
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"\nwrote {path}")
     return result
+
+
+# --------------------------------------------------------------------------------------
+# Weight-side normalizations: a Dense layer wrapped by WeightNorm / SpectralNorm
+
+
+def _weight_wrapper_pair(name: str, features: int) -> tuple[nn.Module, nn.Module, bool]:
+    """``(jaxnorm module, Flax module, spectral)`` wrapping the same ``nn.Dense``."""
+    from jaxnorm import linen as jnn
+
+    if name == "WeightNorm":
+        return jnn.WeightNorm(nn.Dense(features)), nn.WeightNorm(nn.Dense(features)), False
+    return (jnn.SpectralNorm(nn.Dense(features)), nn.SpectralNorm(nn.Dense(features)), True)
+
+
+def weight_norm_comparison(quick: bool, seconds: float) -> list[dict[str, Any]]:
+    """Times jaxnorm.linen's WeightNorm / SpectralNorm (power iteration in training) against
+    flax.linen's around the same Dense, forward and forward+backward (input and params)."""
+    batch, features = (256, 1024) if quick else (4096, 4096)
+    x = jax.random.normal(jax.random.key(1), (batch, features))
+    records = []
+    for name in ("WeightNorm", "SpectralNorm"):
+        ours, theirs, spectral = _weight_wrapper_pair(name, features)
+        kwargs = {"update_stats": True, "mutable": ["batch_stats"]} if spectral else {}
+        init_kwargs = {"update_stats": False} if spectral else {}
+        variables = theirs.init(jax.random.key(0), x, **init_kwargs)
+
+        def output(module: nn.Module, spectral: bool = spectral,
+                   kwargs: dict[str, Any] = kwargs) -> Callable[..., Any]:
+            def call(inputs: jax.Array, tree: Any) -> jax.Array:
+                y = module.apply(tree, inputs, **kwargs)
+                return y[0] if spectral else y
+            return call
+
+        for pass_name in ("forward", "forward+backward"):
+            calls = []
+            for apply in (output(ours), output(theirs)):
+                if pass_name == "forward":
+                    fn = jax.jit(apply)
+                else:
+                    fn = jax.jit(jax.grad(lambda x, v, apply=apply: jnp.sum(apply(x, v) ** 2),
+                                          argnums=(0, 1)))
+                calls.append(lambda fn=fn, variables=variables: fn(x, variables))
+            probe = time_interleaved(*calls, repeats=2, warmup=2)
+            repeats = repeats_for(statistics.median(probe[0] + probe[1]), seconds, 20, 500)
+            ours_s, theirs_s = time_interleaved(*calls, repeats, warmup=0)
+            records.append({
+                "layer": f"{name}(Dense {features})", "shape": [batch, features],
+                "pass": pass_name,
+                "jaxnorm_ms": round(1e3 * statistics.median(ours_s), 4),
+                "flax_ms": round(1e3 * statistics.median(theirs_s), 4),
+                "ratio": round(statistics.median(
+                    a / b for a, b in zip(ours_s, theirs_s, strict=True)), 4),
+            })
+    return records
+
+
+def format_weight_norms(records: Sequence[dict[str, Any]]) -> str:
+    """The weight-side comparison as a markdown table."""
+    lines = ["| layer | input | pass | jaxnorm ms | flax ms | ratio |", "|---|---|---|---|---|---|"]
+    for r in records:
+        shape = "×".join(str(d) for d in r["shape"])
+        lines.append(f"| {r['layer']} | {shape} | {r['pass']} | {r['jaxnorm_ms']:.3f} | "
+                     f"{r['flax_ms']:.3f} | {r['ratio']:.3f} |")
+    return "\n".join(lines)
 
 
 def _cuda_available() -> bool:

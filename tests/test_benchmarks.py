@@ -80,6 +80,7 @@ def test_main_writes_one_record_per_case_dtype_and_pass(run, tmp_path):
             "--dtypes",
             "float32",
             "--no-memory",
+            "--no-weight-norms",
             "--json",
             str(path),
         ]
@@ -104,7 +105,7 @@ def test_json_flag_without_a_file_writes_the_default_file(run, tmp_path, monkeyp
     monkeypatch.setattr(run, "DEFAULT_JSON", default)
     run.main(
         ["--shapes", "RMSNorm:8x16", "--dtypes", "float32", "--seconds", "0.01"]
-        + ["--min-repeats", "2", "--no-memory", "--json"]
+        + ["--min-repeats", "2", "--no-memory", "--no-weight-norms", "--json"]
     )
     assert [r["layer"] for r in json.loads(default.read_text())["records"]] == ["RMSNorm"] * 2
 
@@ -118,3 +119,13 @@ def test_resnet_training_step_memory_is_reported_for_both_batch_norms(run):
     theirs = run.training_step_memory(nn.BatchNorm, (), 2, 8, np.float32)
     for memory in (ours, theirs):
         assert memory["argument_bytes"] > 0 and memory["output_bytes"] > 0
+
+
+def test_weight_norm_comparison_times_both_wrappers_and_both_passes(run):
+    records = run.weight_norm_comparison(quick=True, seconds=0.05)
+    assert [(r["layer"].split("(")[0], r["pass"]) for r in records] == [
+        ("WeightNorm", "forward"), ("WeightNorm", "forward+backward"),
+        ("SpectralNorm", "forward"), ("SpectralNorm", "forward+backward"),
+    ]
+    assert all(r["jaxnorm_ms"] > 0 and r["flax_ms"] > 0 and r["ratio"] > 0 for r in records)
+    assert "| WeightNorm(Dense 1024) | 256×1024 | forward |" in run.format_weight_norms(records)
