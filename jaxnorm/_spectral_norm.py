@@ -134,11 +134,18 @@ def spectral_norm(
         raise ValueError(f"u must have shape ({outputs},) or (1, {outputs}), got {u.shape}")
     compute = reduction_dtype(w.dtype, u.dtype)
     matrix = jnp.moveaxis(w, axis, -1).reshape(-1, outputs).astype(compute)
-    new_u, v = power_iteration(
-        lax.stop_gradient(matrix), u.reshape(outputs), n_steps=n_steps, eps=eps
-    )
-    new_u, v = lax.stop_gradient(new_u), lax.stop_gradient(v)
-    sigma = v @ matrix @ new_u
+    start = u.reshape(outputs).astype(compute)
+    n_steps = _check_steps(n_steps)
+    if n_steps > 1:
+        start, _ = power_iteration(lax.stop_gradient(matrix), start, n_steps=n_steps - 1,
+                                   eps=eps)
+    # The last step shares its product with sigma: W^T v normalized is the new u, and
+    # sigma = v^T W u = (W^T v) . u (u, v constant for the gradient): one matrix product
+    # fewer than forming v^T W u afresh.
+    v = lax.stop_gradient(_l2_normalized(lax.stop_gradient(matrix) @ start, eps))
+    transposed_v = matrix.T @ v
+    new_u = lax.stop_gradient(_l2_normalized(lax.stop_gradient(transposed_v), eps))
+    sigma = transposed_v @ new_u
     w_normalized = w.astype(compute) / jnp.where(sigma != 0, sigma, 1)
     out_dtype = w.dtype if dtype is None else dtype
     return w_normalized.astype(out_dtype), new_u.reshape(u.shape).astype(u.dtype), sigma
