@@ -84,6 +84,8 @@ def _first_elements(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """The first element of every reduction set (keepdims), without gradient. Behind a
     barrier: a slice fused into ``x - pivot`` would make that shared difference too costly
     for XLA to recompute in each consumer, and it would store it full-size instead."""
+    if any(x.shape[a] == 0 for a in axes):  # empty sets: any pivot, of the keepdims shape
+        return jnp.zeros(tuple(1 if a in axes else n for a, n in enumerate(x.shape)), x.dtype)
     first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
     return lax.optimization_barrier(lax.stop_gradient(x[first]))
 
@@ -156,8 +158,9 @@ def _cpu_moments(x: jax.Array, axes: tuple[int, ...], raw: jax.Array | None = No
     if axes == tuple(range(x.ndim - len(axes), x.ndim)):
         return _refined_rows(x, axes, refine=jnp.dtype(raw.dtype).itemsize >= 4)
     count = element_count(x.shape, axes, None, x.dtype)
-    mean = jnp.sum(x, axis=axes, keepdims=True) / count
-    var = jnp.maximum(jnp.sum(x * x, axis=axes, keepdims=True) / count - mean * mean, 0)
+    safe_count = jnp.maximum(count, 1)  # empty sets: 0, not NaN
+    mean = jnp.sum(x, axis=axes, keepdims=True) / safe_count
+    var = jnp.maximum(jnp.sum(x * x, axis=axes, keepdims=True) / safe_count - mean * mean, 0)
     one_pass = ShiftedMoments(mean, jnp.zeros_like(mean), var,
                               jnp.broadcast_to(count, mean.shape))
     well_conditioned = jnp.all(mean * mean <= ONE_PASS_CONDITION_LIMIT * var)
@@ -210,10 +213,11 @@ def _refined_rows(x: jax.Array, axes: tuple[int, ...], refine: bool = True
     skips the refinement, for half-precision input: summed in float32, a constant set of up
     to 2**13 float16 / 2**16 bfloat16 values has an exact sum, so its mean is exact."""
     count = element_count(x.shape, axes, None, x.dtype)
-    mean = jnp.sum(x, axis=axes, keepdims=True) / count
+    safe_count = jnp.maximum(count, 1)  # empty sets: 0, not NaN
+    mean = jnp.sum(x, axis=axes, keepdims=True) / safe_count
     if refine:
-        mean = mean + jnp.sum(x - mean, axis=axes, keepdims=True) / count
-    var = jnp.sum(jnp.square(x - mean), axis=axes, keepdims=True) / count
+        mean = mean + jnp.sum(x - mean, axis=axes, keepdims=True) / safe_count
+    var = jnp.sum(jnp.square(x - mean), axis=axes, keepdims=True) / safe_count
     return ShiftedMoments(mean, jnp.zeros_like(mean), var, jnp.broadcast_to(count, mean.shape))
 
 
@@ -227,6 +231,8 @@ def _tile_shifted(x: jax.Array, raw: jax.Array, axes: tuple[int, ...]) -> Shifte
     output; a whole tile keeps the layout, and its mean lies closer to the set's mean than
     one element does. For a constant set the pivot differs from the constant by at most a
     rounding, which the shifted sums carry exactly (``x - p`` is exact near ``p``)."""
+    if any(x.shape[a] == 0 for a in axes):
+        return _first_element_shifted(x, raw, axes)  # empty sets: a zero pivot
     lanes = min(TPU_LANES, x.shape[-1])
     tile = tuple(slice(0, lanes) if a == x.ndim - 1 else slice(0, 1) if a in axes
                  else slice(None) for a in range(x.ndim))

@@ -74,3 +74,12 @@ def test_every_backend_path_reduces_several_trailing_axes(path):
     exact = x.astype(np.float64).reshape(3, -1)
     np.testing.assert_allclose(np.asarray(moments.mean).reshape(3), exact.mean(1), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(moments.var).reshape(3), exact.var(1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", [_shifted_single_pass, _cpu_moments, _tile_shifted,
+                                  _refined_rows], ids=["shifted", "cpu", "tpu", "gpu"])
+def test_empty_sets_give_zero_statistics_of_the_right_shape(path):
+    moments = path(np.zeros((5, 0), np.float32), (1,))
+    assert moments.mean.shape == moments.var.shape == (5, 1)
+    np.testing.assert_array_equal(np.asarray(moments.var), 0)
+    np.testing.assert_array_equal(np.asarray(moments.count), 0)
