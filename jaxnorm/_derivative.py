@@ -28,7 +28,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxnorm._affine import NormSpec, compute_dtype, standardize
-from jaxnorm._axes import check_floating
 from jaxnorm._stats import element_count, shifted_moments
 
 Array = jax.Array
@@ -65,7 +64,6 @@ def _forward(
     r"""The outputs, and ``(mean, r)`` for the tangent, with
     :math:`r = (\sigma^2 + \epsilon)^{-1/2}`; a set with nothing counted gets
     :math:`r = 0` and outputs exactly ``bias``."""
-    x = check_floating(x)
     compute = compute_dtype(x.dtype, spec.dtype)
     stats = shifted_moments(
         x, spec.reduction, mask,
