@@ -81,13 +81,13 @@ class ShiftedMoments(NamedTuple):
 
 
 def _first_elements(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """The first element of every reduction set (keepdims), without gradient. Behind a
-    barrier: a slice fused into ``x - pivot`` would make that shared difference too costly
-    for XLA to recompute in each consumer, and it would store it full-size instead."""
+    """The first element of every reduction set (keepdims), without gradient. No barrier:
+    XLA fuses the slice into each consumer (a separate slice of a reshaped ``x`` is
+    costed by XLA as a read of all of ``x``)."""
     if any(x.shape[a] == 0 for a in axes):  # empty sets: any pivot, of the keepdims shape
         return jnp.zeros(tuple(1 if a in axes else n for a, n in enumerate(x.shape)), x.dtype)
     first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
-    return lax.optimization_barrier(lax.stop_gradient(x[first]))
+    return lax.stop_gradient(x[first])
 
 
 def _shifted_sums(
@@ -99,6 +99,50 @@ def _shifted_sums(
         d = jnp.where(mask, d, 0)
     count = jnp.broadcast_to(element_count(x.shape, axes, mask, x.dtype), pivot.shape)
     return count, jnp.sum(d, axis=axes, keepdims=True), jnp.sum(d * d, axis=axes, keepdims=True)
+
+
+# XLA:GPU splits a column reduction of more rows than this itself (tree reduction).
+GPU_COLUMN_SPLIT_BOUND = 4096
+# Outputs a column reduction needs for XLA:GPU to fuse ``x - pivot`` into it (its blocks
+# then fill an H200's 132 multiprocessors).
+GPU_FUSING_OUTPUTS = 4096
+
+
+def _split_shifted_sums(x: jax.Array, pivot: jax.Array, axes: tuple[int, ...]
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """GPU: :func:`_shifted_sums` in two stages where one would store ``x - pivot``.
+    XLA:GPU sums up to 4096 rows of a column reduction in one kernel of one block per 32
+    outputs, and into a kernel of fewer blocks than multiprocessors it fuses no producer
+    with a second operand. Then the leading run of reduction axes is cut into ``k`` chunks,
+    ``k`` the smallest that gives 4096 outputs; each chunk's sums are formed with ``x -
+    pivot`` fused, and added, behind a barrier (which keeps XLA from merging the stages),
+    over the chunks and the other reduction axes."""
+    lead = end = axes[0]
+    while end + 1 in axes:
+        end += 1
+    rows = math.prod(x.shape[lead:end + 1])
+    outputs = x.size // max(rows, 1)
+    chunks = next((k for k in range(2, rows // 2 + 1)
+                   if rows % k == 0 and outputs * k >= GPU_FUSING_OUTPUTS), None)
+    if chunks is None or rows > GPU_COLUMN_SPLIT_BOUND or outputs >= GPU_FUSING_OUTPUTS:
+        return _shifted_sums(x, pivot, axes, None)
+    shape = x.shape[:lead] + (chunks, rows // chunks) + x.shape[end + 1:]
+    d = x.reshape(shape) - pivot.reshape(pivot.shape[:lead] + (1, 1) + pivot.shape[end + 1:])
+    partial = lax.optimization_barrier((jnp.sum(d, axis=lead + 1, keepdims=True),
+                                        jnp.sum(d * d, axis=lead + 1, keepdims=True)))
+    rest = (lead,) + tuple(a + lead - end + 1 for a in axes if a > end)
+    zero = jnp.zeros((), x.dtype)
+    first, second = lax.reduce(partial, (zero, zero),
+                               lambda a, b: (a[0] + b[0], a[1] + b[1]), rest)
+    count = jnp.broadcast_to(element_count(x.shape, axes, None, x.dtype), pivot.shape)
+    return count, first.reshape(pivot.shape), second.reshape(pivot.shape)
+
+
+def _split_shifted(x: jax.Array, raw: jax.Array, axes: tuple[int, ...]) -> ShiftedMoments:
+    """GPU's strided sets: the first-element pivot (sliced from ``raw``, the unconverted
+    ``x``) and :func:`_split_shifted_sums`."""
+    pivot = _first_elements(raw, axes).astype(x.dtype)
+    return _from_sums(pivot, *_split_shifted_sums(x, pivot, axes))
 
 
 def _from_sums(pivot: jax.Array, count: jax.Array, first: jax.Array, second: jax.Array
@@ -172,8 +216,8 @@ def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
                   single_pass: bool = False) -> ShiftedMoments:
     """One device's statistics of a floating ``x`` (any precision; summed in at least
     float32), arranged per backend by ``lax.platform_dependent``: two passes under a mask;
-    otherwise on GPU and TPU the shifted single pass (pivot: each set's first element),
-    except for contiguous sets outside a derivative (``single_pass=False``), where GPU
+    otherwise on GPU and TPU the shifted single pass (pivot: each set's first element;
+    on GPU in two stages, :func:`_split_shifted_sums`), except for contiguous sets outside a derivative (``single_pass=False``), where GPU
     fuses the refined rows into one kernel (:func:`_refined_rows`) and TPU shifts by a tile
     mean (:func:`_tile_shifted`); on CPU :func:`_cpu_moments`. Pivots are sliced from ``x``
     before its conversion, so no converted copy is made for them."""
@@ -186,7 +230,7 @@ def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
         return _first_element_shifted(x, raw, axes)
 
     def gpu(x: jax.Array, raw: jax.Array) -> ShiftedMoments:
-        return _refined_rows(x, axes) if contiguous else shifted(x, raw)
+        return _refined_rows(x, axes) if contiguous else _split_shifted(x, raw, axes)
 
     def tpu(x: jax.Array, raw: jax.Array) -> ShiftedMoments:
         return _tile_shifted(x, raw, axes) if contiguous else shifted(x, raw)

@@ -1,12 +1,16 @@
 """The statistics paths that ``lax.platform_dependent`` selects on GPU and TPU, run on CPU.
 
 The test suite runs on CPU, where the dispatcher takes ``_cpu_moments``; GPU's fused row
-reductions (``_refined_rows``), TPU's tile pivot (``_tile_shifted``) and the shifted single
-pass both use for strided sets and inside derivatives would otherwise go untested. Each must keep the numerics guarantees:
+reductions (``_refined_rows``) and two-stage strided sums (``_split_shifted``), TPU's tile
+pivot (``_tile_shifted``) and the shifted single pass both use inside derivatives would
+otherwise go untested. Each must keep the numerics guarantees:
 two-pass accuracy at |mean|/std = 1e4 and exact statistics for constant sets."""
 
 from __future__ import annotations
 
+import re
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -30,6 +34,11 @@ def _shifted_single_pass(x, axes):
     return _stats._first_element_shifted(raw.astype(jnp.float32), raw, axes)
 
 
+def _split_shifted(x, axes):
+    raw = jnp.asarray(x)
+    return _stats._split_shifted(raw.astype(jnp.float32), raw, axes)
+
+
 def _cpu_moments(x, axes):
     return _stats._cpu_moments(jnp.asarray(x, jnp.float32), axes)
 
@@ -38,6 +47,7 @@ PATHS = [
     pytest.param(_refined_rows, id="gpu-refined-rows"),
     pytest.param(_tile_shifted, id="tpu-tile-pivot"),
     pytest.param(_shifted_single_pass, id="gpu-tpu-shifted-single-pass"),
+    pytest.param(_split_shifted, id="gpu-split-shifted"),
     pytest.param(_cpu_moments, id="cpu"),
 ]
 
@@ -77,9 +87,45 @@ def test_every_backend_path_reduces_several_trailing_axes(path):
 
 
 @pytest.mark.parametrize("path", [_shifted_single_pass, _cpu_moments, _tile_shifted,
-                                  _refined_rows], ids=["shifted", "cpu", "tpu", "gpu"])
+                                  _refined_rows, _split_shifted],
+                         ids=["shifted", "cpu", "tpu", "gpu", "gpu-split"])
 def test_empty_sets_give_zero_statistics_of_the_right_shape(path):
     moments = path(np.zeros((5, 0), np.float32), (1,))
     assert moments.mean.shape == moments.var.shape == (5, 1)
     np.testing.assert_array_equal(np.asarray(moments.var), 0)
     np.testing.assert_array_equal(np.asarray(moments.count), 0)
+
+
+# (shape, axes): BatchNorm 7x7 (leading run of 3 axes, 1568 rows), InstanceNorm (a run of
+# two after the batch axis), GroupNorm (a run, a kept group axis, then the group's channels)
+STRIDED = [((32, 7, 7, 8), (0, 1, 2)), ((4, 32, 32, 64), (1, 2)),
+           ((2, 16, 16, 32, 4), (1, 2, 4))]
+
+
+@pytest.mark.parametrize("shape, axes", STRIDED)
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_gpu_two_stage_sums_keep_two_pass_accuracy_on_strided_sets(shape, axes, offset):
+    rng = np.random.default_rng(5)
+    x = (offset + rng.normal(size=shape)).astype(np.float32)
+    zero_pivot = jnp.zeros([1 if a in axes else n for a, n in enumerate(shape)])
+    count, first, _ = _stats._split_shifted_sums(jnp.asarray(x), zero_pivot, axes)
+    # the split is taken: the chunks' partial sums are added in one variadic reduce
+    jaxpr = str(jax.make_jaxpr(lambda v: _stats._split_shifted_sums(v, zero_pivot, axes))(x))
+    assert re.search(r"\breduce\[", jaxpr)
+    moments = _split_shifted(x, axes)
+    exact = x.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(first), exact.sum(axes, keepdims=True),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(moments.mean), exact.mean(axes, keepdims=True),
+                               rtol=1e-7, atol=1e-6 * max(offset, 1))
+    np.testing.assert_allclose(np.asarray(moments.var), exact.var(axes, keepdims=True),
+                               rtol=2e-4)
+    assert np.asarray(count).ravel()[0] == exact.size // np.asarray(moments.mean).size
+
+
+@pytest.mark.parametrize("shape, axes", STRIDED)
+def test_gpu_two_stage_sums_are_exact_for_constant_sets(shape, axes):
+    x = np.full(shape, -123.456, np.float32)
+    moments = _split_shifted(x, axes)
+    np.testing.assert_array_equal(np.asarray(moments.mean), np.float32(-123.456))
+    np.testing.assert_array_equal(np.asarray(moments.var), 0)
