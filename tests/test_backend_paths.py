@@ -115,7 +115,7 @@ def test_gpu_two_stage_sums_keep_two_pass_accuracy_on_strided_sets(shape, axes, 
     moments = _split_shifted(x, axes)
     exact = x.astype(np.float64)
     np.testing.assert_allclose(np.asarray(first), exact.sum(axes, keepdims=True),
-                               rtol=1e-5)
+                               rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(np.asarray(moments.mean), exact.mean(axes, keepdims=True),
                                rtol=1e-7, atol=1e-6 * max(offset, 1))
     np.testing.assert_allclose(np.asarray(moments.var), exact.var(axes, keepdims=True),
