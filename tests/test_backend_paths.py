@@ -129,3 +129,23 @@ def test_gpu_two_stage_sums_are_exact_for_constant_sets(shape, axes):
     moments = _split_shifted(x, axes)
     np.testing.assert_array_equal(np.asarray(moments.mean), np.float32(-123.456))
     np.testing.assert_array_equal(np.asarray(moments.var), 0)
+
+
+def test_gpu_statistics_free_variance_term_equals_the_factored_one():
+    from jaxnorm import _derivative
+
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(4, 16)), jnp.float32)
+    scale = jnp.asarray(rng.normal(size=(16,)), jnp.float32)
+    rstd = jnp.asarray(rng.uniform(0.5, 2.0, size=(4, 1)), jnp.float32)
+    dvar = jnp.asarray(rng.normal(size=(4, 1)), jnp.float32)
+    factored = _derivative._factored_term(x, rstd, rstd * scale, dvar)
+    free = _derivative._statistics_free_term(x, rstd, rstd * scale, dvar, scale=scale)
+    np.testing.assert_allclose(np.asarray(free), np.asarray(factored), rtol=1e-6)
+    expected = 0.5 * np.asarray(rstd, np.float64) ** 3 * np.asarray(dvar) * np.asarray(
+        x) * np.asarray(scale)
+    np.testing.assert_allclose(np.asarray(free), expected, rtol=1e-5)
+    unscaled = _derivative._statistics_free_term(x, rstd, rstd, dvar, scale=None)
+    np.testing.assert_allclose(np.asarray(unscaled),
+                               np.asarray(_derivative._factored_term(x, rstd, rstd, dvar)),
+                               rtol=1e-6)
