@@ -21,7 +21,8 @@ relative error :math:`\delta` of the sums, and :math:`p` is a sample of the data
 :math:`d = 0`: exactly :math:`\mu = x`, :math:`\sigma^2 = 0` (so a normalized output of
 exactly ``bias``). The arrangement is chosen per backend (:func:`local_moments`, with
 ``lax.platform_dependent``): the shifted single pass, no branch, on GPU and TPU (GPU's
-LayerNorm rows: three fused row reductions in one kernel; TPU's: a tile-mean pivot); on
+LayerNorm rows: three fused row reductions in one kernel, its strided sets summed in two
+stages; TPU's rows and GroupNorm's channel groups: a tile-mean pivot); on
 CPU the in-cache refined rows and, for strided sets, a conditioned one-pass with a
 ``lax.cond`` fallback to two passes (:func:`_cpu_moments`). Under a mask the first
 element may be masked out (and hold anything), so masked sets take two passes (the mean,
@@ -232,8 +233,13 @@ def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
     def gpu(x: jax.Array, raw: jax.Array) -> ShiftedMoments:
         return _refined_rows(x, axes) if contiguous else _split_shifted(x, raw, axes)
 
+    # a strided set that spans the minor axis (GroupNorm's channels of a group): a
+    # first-element pivot would slice that axis with a stride, which XLA:TPU does by
+    # transposing all of x; a tile pivot keeps the layout
+    strided_minor = x.ndim - 1 in axes and axes != tuple(range(x.ndim - len(axes), x.ndim))
+
     def tpu(x: jax.Array, raw: jax.Array) -> ShiftedMoments:
-        return _tile_shifted(x, raw, axes) if contiguous else shifted(x, raw)
+        return _tile_shifted(x, raw, axes) if contiguous or strided_minor else shifted(x, raw)
 
     return lax.platform_dependent(
         x, raw, cpu=lambda x, raw: _cpu_moments(x, axes, raw), cuda=gpu, rocm=gpu, tpu=tpu,
@@ -277,12 +283,27 @@ def _tile_shifted(x: jax.Array, raw: jax.Array, axes: tuple[int, ...]) -> Shifte
     rounding, which the shifted sums carry exactly (``x - p`` is exact near ``p``)."""
     if any(x.shape[a] == 0 for a in axes):
         return _first_element_shifted(x, raw, axes)  # empty sets: a zero pivot
+    pivot = jnp.mean(_first_tile(raw, axes).astype(x.dtype), axis=axes, keepdims=True)
+    pivot = lax.stop_gradient(lax.optimization_barrier(pivot))
+    return _from_sums(pivot, *_shifted_sums(x, pivot, axes, None))
+
+
+def _first_tile(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """Each set's first lane tile (keepdims but along the minor axis): up to 128 elements
+    of the minor axis at the first index of the other reduction axes. When the axis
+    before the minor one is kept (GroupNorm's ``(..., groups, channels per group)``), the
+    whole minor axis, sliced from the view that merges the two, the layout ``x`` came in:
+    a slice of the split view would make XLA:TPU copy all of ``x`` into a layout of its
+    own."""
+    if x.ndim - 2 not in axes and any(a < x.ndim - 2 for a in axes):
+        merged = x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
+        first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim - 2))
+        return merged[first].reshape(
+            tuple(1 if a in axes else n for a, n in enumerate(x.shape[:-1])) + x.shape[-1:])
     lanes = min(TPU_LANES, x.shape[-1])
     tile = tuple(slice(0, lanes) if a == x.ndim - 1 else slice(0, 1) if a in axes
                  else slice(None) for a in range(x.ndim))
-    pivot = jnp.mean(raw[tile].astype(x.dtype), axis=axes, keepdims=True)
-    pivot = lax.stop_gradient(lax.optimization_barrier(pivot))
-    return _from_sums(pivot, *_shifted_sums(x, pivot, axes, None))
+    return x[tile]
 
 
 def _combine_across(moments: ShiftedMoments, axis_name: Any, axis_index_groups: Any

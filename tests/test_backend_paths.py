@@ -123,10 +123,11 @@ def test_gpu_two_stage_sums_keep_two_pass_accuracy_on_strided_sets(shape, axes, 
     assert np.asarray(count).ravel()[0] == exact.size // np.asarray(moments.mean).size
 
 
+@pytest.mark.parametrize("path", [_split_shifted, _tile_shifted], ids=["gpu", "tpu"])
 @pytest.mark.parametrize("shape, axes", STRIDED)
-def test_gpu_two_stage_sums_are_exact_for_constant_sets(shape, axes):
+def test_strided_set_paths_are_exact_for_constant_sets(path, shape, axes):
     x = np.full(shape, -123.456, np.float32)
-    moments = _split_shifted(x, axes)
+    moments = path(x, axes)
     np.testing.assert_array_equal(np.asarray(moments.mean), np.float32(-123.456))
     np.testing.assert_array_equal(np.asarray(moments.var), 0)
 
@@ -149,3 +150,23 @@ def test_gpu_statistics_free_variance_term_equals_the_factored_one():
     np.testing.assert_allclose(np.asarray(unscaled),
                                np.asarray(_derivative._factored_term(x, rstd, rstd, dvar)),
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_tpu_group_tile_pivot_keeps_two_pass_accuracy(offset):
+    # GroupNorm's (..., groups, channels per group) view: the pivot is the mean of each
+    # group's channels at the first position, sliced from the merged channel axis
+    rng = np.random.default_rng(7)
+    shape, axes = (2, 16, 16, 32, 4), (1, 2, 4)
+    x = (offset + rng.normal(size=shape)).astype(np.float32)
+    tile = _stats._first_tile(jnp.asarray(x), axes)
+    np.testing.assert_array_equal(np.asarray(tile), x[:, :1, :1, :, :])
+    moments = _tile_shifted(x, axes)
+    exact = x.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(moments.pivot),
+                               x[:, :1, :1, :, :].astype(np.float64).mean(4, keepdims=True),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(moments.mean), exact.mean(axes, keepdims=True),
+                               rtol=1e-7, atol=1e-6 * max(offset, 1))
+    np.testing.assert_allclose(np.asarray(moments.var), exact.var(axes, keepdims=True),
+                               rtol=2e-4)
