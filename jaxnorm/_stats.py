@@ -123,9 +123,11 @@ def _split_shifted_sums(x: jax.Array, pivot: jax.Array, axes: tuple[int, ...]
         end += 1
     rows = math.prod(x.shape[lead:end + 1])
     outputs = x.size // max(rows, 1)
+    if rows > GPU_COLUMN_SPLIT_BOUND or outputs >= GPU_FUSING_OUTPUTS:
+        return _shifted_sums(x, pivot, axes, None)
     chunks = next((k for k in range(2, rows // 2 + 1)
                    if rows % k == 0 and outputs * k >= GPU_FUSING_OUTPUTS), None)
-    if chunks is None or rows > GPU_COLUMN_SPLIT_BOUND or outputs >= GPU_FUSING_OUTPUTS:
+    if chunks is None:
         return _shifted_sums(x, pivot, axes, None)
     shape = x.shape[:lead] + (chunks, rows // chunks) + x.shape[end + 1:]
     d = x.reshape(shape) - pivot.reshape(pivot.shape[:lead] + (1, 1) + pivot.shape[end + 1:])
@@ -218,14 +220,16 @@ def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
     """One device's statistics of a floating ``x`` (any precision; summed in at least
     float32), arranged per backend by ``lax.platform_dependent``: two passes under a mask;
     otherwise on GPU and TPU the shifted single pass (pivot: each set's first element;
-    on GPU in two stages, :func:`_split_shifted_sums`), except for contiguous sets outside a derivative (``single_pass=False``), where GPU
-    fuses the refined rows into one kernel (:func:`_refined_rows`) and TPU shifts by a tile
-    mean (:func:`_tile_shifted`); on CPU :func:`_cpu_moments`. Pivots are sliced from ``x``
+    on GPU in two stages, :func:`_split_shifted_sums`), except for contiguous sets outside
+    a derivative (``single_pass=False``), where GPU fuses the refined rows into one kernel
+    (:func:`_refined_rows`) and TPU shifts by a tile mean (:func:`_tile_shifted`, also for
+    GroupNorm's strided sets that span the minor axis); on CPU :func:`_cpu_moments`. Pivots are sliced from ``x``
     before its conversion, so no converted copy is made for them."""
     raw, x = x, x.astype(statistics_dtype(x.dtype))
     if mask is not None:
         return _two_pass(x, axes, mask)
-    contiguous = axes == tuple(range(x.ndim - len(axes), x.ndim)) and not single_pass
+    trailing = axes == tuple(range(x.ndim - len(axes), x.ndim))
+    contiguous = trailing and not single_pass
 
     def shifted(x: jax.Array, raw: jax.Array) -> ShiftedMoments:
         return _first_element_shifted(x, raw, axes)
@@ -236,7 +240,7 @@ def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
     # a strided set that spans the minor axis (GroupNorm's channels of a group): a
     # first-element pivot would slice that axis with a stride, which XLA:TPU does by
     # transposing all of x; a tile pivot keeps the layout
-    strided_minor = x.ndim - 1 in axes and axes != tuple(range(x.ndim - len(axes), x.ndim))
+    strided_minor = x.ndim - 1 in axes and not trailing
 
     def tpu(x: jax.Array, raw: jax.Array) -> ShiftedMoments:
         return _tile_shifted(x, raw, axes) if contiguous or strided_minor else shifted(x, raw)
