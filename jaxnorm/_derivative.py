@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxnorm._affine import NormSpec, compute_dtype, standardize
-from jaxnorm._stats import element_count, shifted_moments
+from jaxnorm._stats import chunk_view, element_count, gpu_chunks, shifted_moments
 
 Array = jax.Array
 
@@ -142,15 +142,54 @@ def _tangent_per_set(
                  keepdims=True) / lin.count
     a = lin.rstd if lin.scale is None else lin.rstd * lin.scale.astype(compute)
     slope = -a * m2 if dscale is None else dscale - a * m2
-    dy = a * lin.dx.astype(compute) + x_hat * slope
     if spec.centered:
         m1 = jnp.sum(lin.dx_counted, axis=spec.reduction, keepdims=True) / lin.count
         offset = -a * m1 if dbias is None else dbias - a * m1
     else:
         m1, offset = jnp.zeros_like(lin.mean), dbias
-    if offset is not None:
-        dy = dy + offset
+    dy = a * lin.dx.astype(compute) + _per_set_terms(x_hat, slope, offset)
     return dy, m1, 2 * m2 / lin.rstd
+
+
+def _per_set_terms(x_hat: Array, slope: Array, offset: Array | None) -> Array:
+    r""":math:`\hat x \cdot s + o` for coefficients :math:`s, o` constant over each set's
+    parameter-free axes. Its transpose sums :math:`\bar y\hat x` and :math:`\bar y` over
+    those axes; on GPU, where one such column reduction would store its product full-size
+    (:func:`jaxnorm._stats.gpu_chunks`), :func:`_chunked_per_set_terms`."""
+    shape = jnp.broadcast_shapes(slope.shape, slope.shape if offset is None else offset.shape)
+    spread_axes = tuple(a for a in range(x_hat.ndim)
+                        if shape[a] == 1 and x_hat.shape[a] != 1)
+    plan = gpu_chunks(x_hat.shape, spread_axes)
+    if plan is None:
+        return _direct_per_set_terms(x_hat, slope, offset)
+    chunked = functools.partial(_chunked_per_set_terms, plan=plan)
+    return lax.platform_dependent(x_hat, slope, offset, cuda=chunked, rocm=chunked,
+                                  default=_direct_per_set_terms)
+
+
+def _direct_per_set_terms(x_hat: Array, slope: Array, offset: Array | None) -> Array:
+    return x_hat * slope if offset is None else x_hat * slope + offset
+
+
+def _chunked_per_set_terms(x_hat: Array, slope: Array, offset: Array | None, *,
+                           plan: tuple[int, int, int]) -> Array:
+    """The same value through the chunk view of ``plan`` (``(lead, end, k)``, the
+    coefficients constant over ``lead..end``): each coefficient is broadcast to the ``k``
+    chunks behind a barrier, so the transpose sums each chunk, its products fused, and
+    then, separately, the ``k`` chunks."""
+    lead, end, chunks = plan
+    shape = jnp.broadcast_shapes(slope.shape, slope.shape if offset is None else offset.shape)
+    per_set = chunk_view(shape, (lead, end, 1))
+    spread = per_set[:lead] + (chunks,) + per_set[lead + 1:]
+
+    def per_chunk(coefficient: Array) -> Array:
+        coefficient = jnp.broadcast_to(coefficient, shape).reshape(per_set)
+        return lax.optimization_barrier(jnp.broadcast_to(coefficient, spread))
+
+    out = x_hat.reshape(chunk_view(x_hat.shape, plan)) * per_chunk(slope)
+    if offset is not None:
+        out = out + per_chunk(offset)
+    return out.reshape(x_hat.shape)
 
 
 def _views(values: tuple[Any, ...], copies: int) -> tuple[tuple[Any, ...], ...]:

@@ -81,12 +81,22 @@ class ShiftedMoments(NamedTuple):
         return self.pivot + self.offset
 
 
+def _group_channels(ndim: int, axes: tuple[int, ...]) -> bool:
+    """Whether the sets look like GroupNorm's ``(..., groups, channels per group)`` view:
+    the minor axis reduced, the one before it kept, some axis before that reduced."""
+    return ndim - 1 in axes and ndim - 2 not in axes and any(a < ndim - 2 for a in axes)
+
+
 def _first_elements(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """The first element of every reduction set (keepdims), without gradient. No barrier:
     XLA fuses the slice into each consumer (a separate slice of a reshaped ``x`` is
     costed by XLA as a read of all of ``x``)."""
     if any(x.shape[a] == 0 for a in axes):  # empty sets: any pivot, of the keepdims shape
         return jnp.zeros(tuple(1 if a in axes else n for a, n in enumerate(x.shape)), x.dtype)
+    if _group_channels(x.ndim, axes):
+        # slice the merged channel axis first (the array's own layout; a slice of the split
+        # view is costed by XLA as a read of all of x), then each group's first channel
+        return lax.stop_gradient(_first_tile(x, axes)[..., :1])
     first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
     return lax.stop_gradient(x[first])
 
@@ -109,28 +119,45 @@ GPU_COLUMN_SPLIT_BOUND = 4096
 GPU_FUSING_OUTPUTS = 4096
 
 
-def _split_shifted_sums(x: jax.Array, pivot: jax.Array, axes: tuple[int, ...]
-                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """GPU: :func:`_shifted_sums` in two stages where one would store ``x - pivot``.
-    XLA:GPU sums up to 4096 rows of a column reduction in one kernel of one block per 32
-    outputs, and into a kernel of fewer blocks than multiprocessors it fuses no producer
-    with a second operand. Then the leading run of reduction axes is cut into ``k`` chunks,
-    ``k`` the smallest that gives 4096 outputs; each chunk's sums are formed with ``x -
-    pivot`` fused, and added, behind a barrier (which keeps XLA from merging the stages),
-    over the chunks and the other reduction axes."""
+def gpu_chunks(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """How XLA:GPU should sum ``axes`` of an array of ``shape``: ``None`` for one reduce,
+    else ``(lead, end, k)``: cut the leading run of reduction axes ``lead..end`` into
+    ``k`` chunks. XLA:GPU sums up to 4096 rows of a column reduction in one kernel of one
+    block per 32 outputs, and into a kernel of fewer blocks than multiprocessors it fuses
+    no producer with a second operand (``x - pivot`` would be stored full-size); ``k`` is
+    the smallest that gives 4096 outputs, so each chunk's sum fuses its producers."""
+    if not axes:
+        return None
     lead = end = axes[0]
     while end + 1 in axes:
         end += 1
-    rows = math.prod(x.shape[lead:end + 1])
-    outputs = x.size // max(rows, 1)
+    rows = math.prod(shape[lead:end + 1])
+    outputs = math.prod(shape) // max(rows, 1)
     if rows > GPU_COLUMN_SPLIT_BOUND or outputs >= GPU_FUSING_OUTPUTS:
-        return _shifted_sums(x, pivot, axes, None)
+        return None
     chunks = next((k for k in range(2, rows // 2 + 1)
                    if rows % k == 0 and outputs * k >= GPU_FUSING_OUTPUTS), None)
-    if chunks is None:
+    return None if chunks is None else (lead, end, chunks)
+
+
+def chunk_view(shape: tuple[int, ...], plan: tuple[int, int, int]) -> tuple[int, ...]:
+    """``shape`` with the run ``lead..end`` of ``plan`` as ``(k, rows / k)``."""
+    lead, end, chunks = plan
+    return shape[:lead] + (chunks, math.prod(shape[lead:end + 1]) // chunks) + shape[end + 1:]
+
+
+def _split_shifted_sums(x: jax.Array, pivot: jax.Array, axes: tuple[int, ...]
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """GPU: :func:`_shifted_sums` in two stages where one would store ``x - pivot``
+    (:func:`gpu_chunks`): each chunk's sums with ``x - pivot`` fused, then, behind a
+    barrier (which keeps XLA from merging the stages), their sum over the chunks and the
+    other reduction axes."""
+    plan = gpu_chunks(x.shape, axes)
+    if plan is None:
         return _shifted_sums(x, pivot, axes, None)
-    shape = x.shape[:lead] + (chunks, rows // chunks) + x.shape[end + 1:]
-    d = x.reshape(shape) - pivot.reshape(pivot.shape[:lead] + (1, 1) + pivot.shape[end + 1:])
+    lead, end, _ = plan
+    d = x.reshape(chunk_view(x.shape, plan)) - pivot.reshape(chunk_view(pivot.shape, (
+        lead, end, 1)))
     partial = lax.optimization_barrier((jnp.sum(d, axis=lead + 1, keepdims=True),
                                         jnp.sum(d * d, axis=lead + 1, keepdims=True)))
     rest = (lead,) + tuple(a + lead - end + 1 for a in axes if a > end)
@@ -299,7 +326,7 @@ def _first_tile(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     whole minor axis, sliced from the view that merges the two, the layout ``x`` came in:
     a slice of the split view would make XLA:TPU copy all of ``x`` into a layout of its
     own."""
-    if x.ndim - 2 not in axes and any(a < x.ndim - 2 for a in axes):
+    if _group_channels(x.ndim, axes):
         merged = x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
         first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim - 2))
         return merged[first].reshape(

@@ -170,3 +170,39 @@ def test_tpu_group_tile_pivot_keeps_two_pass_accuracy(offset):
                                rtol=1e-7, atol=1e-6 * max(offset, 1))
     np.testing.assert_allclose(np.asarray(moments.var), exact.var(axes, keepdims=True),
                                rtol=2e-4)
+
+
+@pytest.mark.parametrize("with_offset", [True, False])
+@pytest.mark.parametrize("shape, axes", STRIDED)
+def test_gpu_chunked_per_set_terms_and_their_transpose_equal_the_direct_ones(
+        shape, axes, with_offset):
+    from jaxnorm import _derivative
+
+    rng = np.random.default_rng(8)
+    coefficient_shape = tuple(1 if a in axes else n for a, n in enumerate(shape))
+    x_hat = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    slope = jnp.asarray(rng.normal(size=coefficient_shape), jnp.float32)
+    offset = jnp.asarray(rng.normal(size=coefficient_shape), jnp.float32) if with_offset \
+        else None
+    plan = _stats.gpu_chunks(shape, axes)
+    assert plan is not None  # these shapes take the chunk view on GPU
+
+    def chunked(slope, offset):
+        return _derivative._chunked_per_set_terms(x_hat, slope, offset, plan=plan)
+
+    def direct(slope, offset):
+        return _derivative._direct_per_set_terms(x_hat, slope, offset)
+
+    np.testing.assert_allclose(np.asarray(chunked(slope, offset)),
+                               np.asarray(direct(slope, offset)), rtol=1e-6, atol=1e-6)
+    cotangent = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    expected = jax.vjp(direct, slope, offset)[1](cotangent)
+    got = jax.vjp(chunked, slope, offset)[1](cotangent)
+    for g, e in zip(got, expected):
+        if e is None:
+            assert g is None
+            continue
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-3)
+    # the sums over the chunk and the chunks, against float64
+    exact = (np.asarray(cotangent, np.float64) * np.asarray(x_hat)).sum(axes, keepdims=True)
+    np.testing.assert_allclose(np.asarray(got[0]), exact, rtol=1e-4, atol=1e-3)
