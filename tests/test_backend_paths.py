@@ -206,3 +206,31 @@ def test_gpu_chunked_per_set_terms_and_their_transpose_equal_the_direct_ones(
     # the sums over the chunk and the chunks, against float64
     exact = (np.asarray(cotangent, np.float64) * np.asarray(x_hat)).sum(axes, keepdims=True)
     np.testing.assert_allclose(np.asarray(got[0]), exact, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_accelerator_output_from_x_hat_matches_the_cpu_form_and_keeps_bias_exact(dtype):
+    from jaxnorm import _derivative
+
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(3.0 + rng.normal(size=(4, 5, 6)), dtype)
+    mean = jnp.asarray(x, jnp.float32).mean((0, 1), keepdims=True)
+    rstd = jnp.asarray(rng.uniform(0.5, 2.0, size=(1, 1, 6)), jnp.float32)
+    scale = jnp.asarray(rng.normal(size=(1, 1, 6)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(1, 1, 6)), jnp.float32)
+    counted = jnp.asarray([[[True, True, False, True, True, False]]])
+    rstd = jnp.where(counted, rstd, 0)
+    got = _derivative._output_from_x_hat(x, mean, rstd, scale, bias, counted, dtype=dtype)
+    cpu = _derivative._output_from_multiplier(x, mean, rstd, scale, bias, counted,
+                                              dtype=dtype)
+    exact = ((np.asarray(x, np.float64) - np.asarray(mean)) * np.asarray(rstd)
+             * np.asarray(scale) + np.asarray(bias))
+    tolerance = 1e-5 if dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(cpu, np.float64),
+                               rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=tolerance,
+                               atol=tolerance)
+    # sets with nothing counted output exactly bias
+    np.testing.assert_array_equal(np.asarray(got)[..., [2, 5]],
+                                  np.broadcast_to(np.asarray(bias.astype(dtype))[..., [2, 5]],
+                                                  (4, 5, 2)))
