@@ -20,9 +20,10 @@ relative error :math:`\delta` of the sums, and :math:`p` is a sample of the data
 :math:`x - p` is exact for :math:`x` near :math:`p` (Sterbenz). A constant set gives
 :math:`d = 0`: exactly :math:`\mu = x`, :math:`\sigma^2 = 0` (so a normalized output of
 exactly ``bias``). The arrangement is chosen per backend (:func:`local_moments`, with
-``lax.platform_dependent``): the shifted single pass, no branch, on GPU and TPU (GPU's
-LayerNorm rows: three fused row reductions in one kernel, its strided sets summed in two
-stages; TPU's rows and GroupNorm's channel groups: a tile-mean pivot); on
+``lax.platform_dependent``): on GPU the shifted single pass, no branch (LayerNorm rows:
+three fused row reductions in one kernel; strided sets summed in two stages); on TPU one
+variadic reduction that merges counts, means and centred squares pairwise (Chan et al.),
+no pivot and no branch (GroupNorm's split view: a group pivot); on
 CPU the in-cache refined rows and, for strided sets, a conditioned one-pass with a
 ``lax.cond`` fallback to two passes (:func:`_cpu_moments`). Under a mask the first
 element may be masked out (and hold anything), so masked sets take two passes (the mean,
@@ -36,6 +37,7 @@ statistics of the concatenated batch, exact for unequal (masked) counts.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -96,7 +98,7 @@ def _first_elements(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     if _group_channels(x.ndim, axes):
         # slice the merged channel axis first (the array's own layout; a slice of the split
         # view is costed by XLA as a read of all of x), then each group's first channel
-        return lax.stop_gradient(_first_tile(x, axes)[..., :1])
+        return lax.stop_gradient(_group_first_channels(x, axes)[..., :1])
     first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
     return lax.stop_gradient(x[first])
 
@@ -245,13 +247,13 @@ def _cpu_moments(x: jax.Array, axes: tuple[int, ...], raw: jax.Array | None = No
 def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
                   single_pass: bool = False) -> ShiftedMoments:
     """One device's statistics of a floating ``x`` (any precision; summed in at least
-    float32), arranged per backend by ``lax.platform_dependent``: two passes under a mask;
-    otherwise on GPU and TPU the shifted single pass (pivot: each set's first element;
-    on GPU in two stages, :func:`_split_shifted_sums`), except for contiguous sets outside
-    a derivative (``single_pass=False``), where GPU fuses the refined rows into one kernel
-    (:func:`_refined_rows`) and TPU shifts by a tile mean (:func:`_tile_shifted`, also for
-    GroupNorm's strided sets that span the minor axis); on CPU :func:`_cpu_moments`. Pivots are sliced from ``x``
-    before its conversion, so no converted copy is made for them."""
+    float32), arranged per backend by ``lax.platform_dependent``; two passes under a mask.
+    GPU: contiguous sets outside a derivative (``single_pass=False``) as refined rows in
+    one kernel (:func:`_refined_rows`), others in the shifted single pass with each set's
+    first element as the pivot, summed in two stages (:func:`_split_shifted`). TPU: one
+    variadic reduction merging ``(n, mean, M2)`` (:func:`_merged_moments`); GroupNorm's
+    split view a group pivot (:func:`_group_pivot_shifted`). CPU: :func:`_cpu_moments`.
+    Pivots are sliced from ``x`` before its conversion, so no converted copy is made."""
     raw, x = x, x.astype(statistics_dtype(x.dtype))
     if mask is not None:
         return _two_pass(x, axes, mask)
@@ -264,13 +266,10 @@ def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
     def gpu(x: jax.Array, raw: jax.Array) -> ShiftedMoments:
         return _refined_rows(x, axes) if contiguous else _split_shifted(x, raw, axes)
 
-    # a strided set that spans the minor axis (GroupNorm's channels of a group): a
-    # first-element pivot would slice that axis with a stride, which XLA:TPU does by
-    # transposing all of x; a tile pivot keeps the layout
-    strided_minor = x.ndim - 1 in axes and not trailing
-
     def tpu(x: jax.Array, raw: jax.Array) -> ShiftedMoments:
-        return _tile_shifted(x, raw, axes) if contiguous or strided_minor else shifted(x, raw)
+        if _group_channels(x.ndim, axes):
+            return _group_pivot_shifted(x, raw, axes)
+        return _merged_moments(raw, axes)
 
     return lax.platform_dependent(
         x, raw, cpu=lambda x, raw: _cpu_moments(x, axes, raw), cuda=gpu, rocm=gpu, tpu=tpu,
@@ -302,39 +301,90 @@ def _refined_rows(x: jax.Array, axes: tuple[int, ...], refine: bool = True
     return ShiftedMoments(mean, jnp.zeros_like(mean), var, jnp.broadcast_to(count, mean.shape))
 
 
-TPU_LANES = 128
-
-
-def _tile_shifted(x: jax.Array, raw: jax.Array, axes: tuple[int, ...]) -> ShiftedMoments:
-    """Contiguous sets on TPU: the pivot is the mean of each row's first lane tile (up to
-    128 elements of the last axis, at the first index of the other reduction axes). A
-    single-element slice of the minor axis would make XLA:TPU transpose ``x`` and the
-    output; a whole tile keeps the layout, and its mean lies closer to the set's mean than
-    one element does. For a constant set the pivot differs from the constant by at most a
+def _group_pivot_shifted(x: jax.Array, raw: jax.Array, axes: tuple[int, ...]
+                         ) -> ShiftedMoments:
+    """TPU, GroupNorm's ``(..., groups, channels per group)`` view: the shifted single pass
+    with the mean of each group's channels at the first position as the pivot
+    (:func:`_group_first_channels`). XLA:TPU would copy all of ``x`` into a layout of its
+    own for a variadic reduction over the split view, or for a strided slice of its
+    channels. For a constant set the pivot differs from the constant by at most a
     rounding, which the shifted sums carry exactly (``x - p`` is exact near ``p``)."""
     if any(x.shape[a] == 0 for a in axes):
         return _first_element_shifted(x, raw, axes)  # empty sets: a zero pivot
-    pivot = jnp.mean(_first_tile(raw, axes).astype(x.dtype), axis=axes, keepdims=True)
+    pivot = jnp.mean(_group_first_channels(raw, axes).astype(x.dtype), axis=axes,
+                     keepdims=True)
     pivot = lax.stop_gradient(lax.optimization_barrier(pivot))
     return _from_sums(pivot, *_shifted_sums(x, pivot, axes, None))
 
 
-def _first_tile(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """Each set's first lane tile (keepdims but along the minor axis): up to 128 elements
-    of the minor axis at the first index of the other reduction axes. When the axis
-    before the minor one is kept (GroupNorm's ``(..., groups, channels per group)``), the
-    whole minor axis, sliced from the view that merges the two, the layout ``x`` came in:
-    a slice of the split view would make XLA:TPU copy all of ``x`` into a layout of its
-    own."""
-    if _group_channels(x.ndim, axes):
-        merged = x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
-        first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim - 2))
-        return merged[first].reshape(
-            tuple(1 if a in axes else n for a, n in enumerate(x.shape[:-1])) + x.shape[-1:])
-    lanes = min(TPU_LANES, x.shape[-1])
-    tile = tuple(slice(0, lanes) if a == x.ndim - 1 else slice(0, 1) if a in axes
-                 else slice(None) for a in range(x.ndim))
-    return x[tile]
+def _group_first_channels(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """In GroupNorm's view (:func:`_group_channels`), each group's channels at the first
+    index of the other reduction axes, sliced from the view that merges groups and
+    channels (the layout ``x`` came in): XLA costs a slice of the split view as a read of
+    all of ``x`` (GPU) or lays ``x`` out anew for it (TPU)."""
+    merged = x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
+    first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim - 2))
+    return merged[first].reshape(
+        tuple(1 if a in axes else n for a, n in enumerate(x.shape[:-1])) + x.shape[-1:])
+
+
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(s, e)`` with ``s = fl(a + b)`` and ``a + b = s + e`` exactly (Knuth)."""
+    total = a + b
+    b_part = total - a
+    return total, (a - (total - b_part)) + (b - b_part)
+
+
+def _merge_moments(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]
+                   ) -> tuple[jax.Array, ...]:
+    r"""Chan, Golub & LeVeque's pairwise update of ``(n, mean, mean's low part, M2)``,
+    :math:`M_2 = \sum (x - \mu)^2`: with :math:`\delta = \mu_b - \mu_a`,
+    :math:`\mu = \mu_a + \delta\,n_b/n`, :math:`M_2 = M_{2a} + M_{2b} + \delta^2 n_a
+    n_b/n`. The mean is carried as an unevaluated sum ``high + low`` (the rounding error
+    of each update is kept, :func:`_two_sum`), else its error would grow with every merge
+    at a large offset. Exact for constant sets (:math:`\delta = 0`); ``n = 0`` merges
+    to zeros."""
+    count_a, high_a, low_a, spread_a = a
+    count_b, high_b, low_b, spread_b = b
+    count = count_a + count_b
+    weight = count_b / jnp.maximum(count, 1)
+    delta = (high_b - high_a) + (low_b - low_a)
+    high, error = _two_sum(high_a, delta * weight)
+    return count, high, low_a + error, spread_a + spread_b + delta * delta * count_a * weight
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _merged_moments(x: jax.Array, axes: tuple[int, ...]) -> ShiftedMoments:
+    """TPU: the statistics in one variadic reduction that merges ``(1, x, 0, 0)`` per
+    element with :func:`_merge_moments`: no pivot, no branch, two-pass accuracy at any
+    offset. XLA:TPU fuses the whole reduction into one pass over ``x``, at or below the
+    estimated cycles of Flax's two plain sums (``benchmarks/RESULTS.md``). ``pivot`` and
+    ``offset`` are the mean's high and low parts."""
+    x = x.astype(statistics_dtype(x.dtype))
+    zero = jnp.zeros((), x.dtype)
+    zeros = jnp.zeros_like(x)
+    sums = lax.reduce((jnp.ones_like(x), x, zeros, zeros), (zero,) * 4, _merge_moments, axes)
+    _, high, low, spread = (jnp.expand_dims(v, axes) for v in sums)
+    # the count as every other path gives it (replicated under shard_map, not varying)
+    count = jnp.broadcast_to(element_count(x.shape, axes, None, x.dtype), high.shape)
+    return ShiftedMoments(high, low, spread / jnp.maximum(count, 1), count)
+
+
+@_merged_moments.defjvp
+def _merged_moments_jvp(axes: tuple[int, ...], primals: tuple[jax.Array],
+                        tangents: tuple[jax.Array]) -> tuple[ShiftedMoments, ShiftedMoments]:
+    r""":math:`\dot\mu = \frac1n\sum\dot x`,
+    :math:`\dot{\sigma^2} = \frac2n\sum (x - \mu)\dot x` (a variadic reduction has no
+    derivative rule of its own)."""
+    (x,), (dx,) = primals, tangents
+    moments = _merged_moments(x, axes)
+    dx = dx.astype(moments.mean.dtype)
+    safe_count = jnp.maximum(moments.count, 1)
+    dmean = jnp.sum(dx, axis=axes, keepdims=True) / safe_count
+    dvar = 2 * jnp.sum((x.astype(dx.dtype) - moments.mean) * dx, axis=axes,
+                       keepdims=True) / safe_count
+    zeros = jnp.zeros_like(dmean)
+    return moments, ShiftedMoments(zeros, dmean, dvar, zeros)
 
 
 def _combine_across(moments: ShiftedMoments, axis_name: Any, axis_index_groups: Any

@@ -1,9 +1,9 @@
 """The statistics paths that ``lax.platform_dependent`` selects on GPU and TPU, run on CPU.
 
 The test suite runs on CPU, where the dispatcher takes ``_cpu_moments``; GPU's fused row
-reductions (``_refined_rows``) and two-stage strided sums (``_split_shifted``), TPU's tile
-pivot (``_tile_shifted``) and the shifted single pass both use inside derivatives would
-otherwise go untested. Each must keep the numerics guarantees:
+reductions (``_refined_rows``) and two-stage strided sums (``_split_shifted``), TPU's merged
+reduction (``_merged_moments``) and GroupNorm pivot (``_group_pivot_shifted``), and the
+first-element shifted pass would otherwise go untested. Each must keep the numerics guarantees:
 two-pass accuracy at |mean|/std = 1e4 and exact statistics for constant sets."""
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ def _refined_rows(x, axes):
     return _stats._refined_rows(jnp.asarray(x, jnp.float32), axes)
 
 
-def _tile_shifted(x, axes):
+def _group_pivot_shifted(x, axes):
     raw = jnp.asarray(x)
-    return _stats._tile_shifted(raw.astype(jnp.float32), raw, axes)
+    return _stats._group_pivot_shifted(raw.astype(jnp.float32), raw, axes)
 
 
 def _shifted_single_pass(x, axes):
@@ -39,15 +39,19 @@ def _split_shifted(x, axes):
     return _stats._split_shifted(raw.astype(jnp.float32), raw, axes)
 
 
+def _merged(x, axes):
+    return _stats._merged_moments(jnp.asarray(x), axes)
+
+
 def _cpu_moments(x, axes):
     return _stats._cpu_moments(jnp.asarray(x, jnp.float32), axes)
 
 
 PATHS = [
     pytest.param(_refined_rows, id="gpu-refined-rows"),
-    pytest.param(_tile_shifted, id="tpu-tile-pivot"),
     pytest.param(_shifted_single_pass, id="gpu-tpu-shifted-single-pass"),
     pytest.param(_split_shifted, id="gpu-split-shifted"),
+    pytest.param(_merged, id="tpu-merged"),
     pytest.param(_cpu_moments, id="cpu"),
 ]
 
@@ -86,9 +90,9 @@ def test_every_backend_path_reduces_several_trailing_axes(path):
     np.testing.assert_allclose(np.asarray(moments.var).reshape(3), exact.var(1), rtol=1e-5)
 
 
-@pytest.mark.parametrize("path", [_shifted_single_pass, _cpu_moments, _tile_shifted,
-                                  _refined_rows, _split_shifted],
-                         ids=["shifted", "cpu", "tpu", "gpu", "gpu-split"])
+@pytest.mark.parametrize("path", [_shifted_single_pass, _cpu_moments, _refined_rows,
+                                  _split_shifted, _merged],
+                         ids=["shifted", "cpu", "gpu", "gpu-split", "tpu-merged"])
 def test_empty_sets_give_zero_statistics_of_the_right_shape(path):
     moments = path(np.zeros((5, 0), np.float32), (1,))
     assert moments.mean.shape == moments.var.shape == (5, 1)
@@ -123,7 +127,7 @@ def test_gpu_two_stage_sums_keep_two_pass_accuracy_on_strided_sets(shape, axes, 
     assert np.asarray(count).ravel()[0] == exact.size // np.asarray(moments.mean).size
 
 
-@pytest.mark.parametrize("path", [_split_shifted, _tile_shifted], ids=["gpu", "tpu"])
+@pytest.mark.parametrize("path", [_split_shifted, _merged], ids=["gpu", "tpu"])
 @pytest.mark.parametrize("shape, axes", STRIDED)
 def test_strided_set_paths_are_exact_for_constant_sets(path, shape, axes):
     x = np.full(shape, -123.456, np.float32)
@@ -159,9 +163,11 @@ def test_tpu_group_tile_pivot_keeps_two_pass_accuracy(offset):
     rng = np.random.default_rng(7)
     shape, axes = (2, 16, 16, 32, 4), (1, 2, 4)
     x = (offset + rng.normal(size=shape)).astype(np.float32)
-    tile = _stats._first_tile(jnp.asarray(x), axes)
+    tile = _stats._group_first_channels(jnp.asarray(x), axes)
     np.testing.assert_array_equal(np.asarray(tile), x[:, :1, :1, :, :])
-    moments = _tile_shifted(x, axes)
+    np.testing.assert_array_equal(np.asarray(_stats._first_elements(jnp.asarray(x), axes)),
+                                  x[:, :1, :1, :, :1])
+    moments = _group_pivot_shifted(x, axes)
     exact = x.astype(np.float64)
     np.testing.assert_allclose(np.asarray(moments.pivot),
                                x[:, :1, :1, :, :].astype(np.float64).mean(4, keepdims=True),
@@ -234,3 +240,54 @@ def test_accelerator_output_from_x_hat_matches_the_cpu_form_and_keeps_bias_exact
     np.testing.assert_array_equal(np.asarray(got)[..., [2, 5]],
                                   np.broadcast_to(np.asarray(bias.astype(dtype))[..., [2, 5]],
                                                   (4, 5, 2)))
+
+
+@pytest.mark.parametrize("shape, axes", STRIDED)
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_tpu_merged_moments_keep_two_pass_accuracy_on_strided_sets(shape, axes, offset):
+    rng = np.random.default_rng(10)
+    x = (offset + rng.normal(size=shape)).astype(np.float32)
+    moments = _merged(x, axes)
+    exact = x.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(moments.mean), exact.mean(axes, keepdims=True),
+                               rtol=1e-7, atol=1e-6 * max(offset, 1))
+    np.testing.assert_allclose(np.asarray(moments.var), exact.var(axes, keepdims=True),
+                               rtol=2e-4)
+    np.testing.assert_array_equal(np.asarray(moments.count), exact.size // moments.mean.size)
+
+
+def test_tpu_merged_moments_differentiate_and_batch_as_the_two_pass_formula():
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(50.0 + rng.normal(size=(6, 5, 4)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(1, 5, 1)), jnp.float32)
+
+    def loss(statistics, x):
+        mean, var = statistics(x)
+        return jnp.sum(weights * mean) + jnp.sum(weights * var)
+
+    def merged(x):
+        moments = _stats._merged_moments(x, (0, 2))
+        return moments.mean, moments.var
+
+    def two_pass(x):
+        return jnp.mean(x, (0, 2), keepdims=True), jnp.var(x, (0, 2), keepdims=True)
+
+    np.testing.assert_allclose(np.asarray(jax.grad(lambda v: loss(merged, v))(x)),
+                               np.asarray(jax.grad(lambda v: loss(two_pass, v))(x)),
+                               rtol=1e-4, atol=1e-5)
+    tangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    got = jax.jvp(merged, (x,), (tangent,))[1]
+    expected = jax.jvp(two_pass, (x,), (tangent,))[1]
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-5)
+    stacked = jnp.stack([x, 2 * x + 1])
+    for b, e in zip(jax.vmap(merged)(stacked), jax.vmap(two_pass)(stacked)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(e), rtol=1e-5, atol=1e-5)
+
+
+def test_tpu_group_pivot_is_exact_for_constant_groups():
+    shape, axes = STRIDED[2]  # GroupNorm's (..., groups, channels per group) view
+    x = np.full(shape, -123.456, np.float32)
+    moments = _group_pivot_shifted(x, axes)
+    np.testing.assert_array_equal(np.asarray(moments.mean), np.float32(-123.456))
+    np.testing.assert_array_equal(np.asarray(moments.var), 0)
