@@ -199,6 +199,7 @@ def _per_set_terms(x_hat: Array, slope: Array, offset: Array | None) -> Array:
 
 
 def _direct_per_set_terms(x_hat: Array, slope: Array, offset: Array | None) -> Array:
+    r""":math:`\hat x \cdot s + o` with the coefficients broadcast as they are."""
     return x_hat * slope if offset is None else x_hat * slope + offset
 
 
