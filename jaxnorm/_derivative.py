@@ -205,23 +205,31 @@ def _direct_per_set_terms(x_hat: Array, slope: Array, offset: Array | None) -> A
 
 def _chunked_per_set_terms(x_hat: Array, slope: Array, offset: Array | None, *,
                            plan: tuple[int, int, int]) -> Array:
-    """The same value through the chunk view of ``plan`` (``(lead, end, k)``, the
-    coefficients constant over ``lead..end``): each coefficient is broadcast to the ``k``
+    r"""The same value through the chunk view of ``plan`` (``(lead, end, k)``, the
+    coefficients constant over ``lead..end``): the coefficients are broadcast to the ``k``
     chunks behind a barrier, so the transpose sums each chunk, its products fused, and
-    then, separately, the ``k`` chunks."""
+    then, separately, the ``k`` chunks. Slope and offset go as one stacked coefficient
+    against ``(x_hat, 1)``, so the transpose forms :math:`\sum\bar y\hat x` and
+    :math:`\sum\bar y` in one reduction (as two, XLA:GPU stored one product full-size
+    for bfloat16 input)."""
     lead, end, chunks = plan
     shape = jnp.broadcast_shapes(slope.shape, slope.shape if offset is None else offset.shape)
     per_set = chunk_view(shape, (lead, end, 1))
     spread = per_set[:lead] + (chunks,) + per_set[lead + 1:]
 
     def per_chunk(coefficient: Array) -> Array:
-        coefficient = jnp.broadcast_to(coefficient, shape).reshape(per_set)
-        return lax.optimization_barrier(jnp.broadcast_to(coefficient, spread))
+        extra = coefficient.shape[len(shape):]
+        coefficient = jnp.broadcast_to(coefficient, shape + extra).reshape(per_set + extra)
+        return lax.optimization_barrier(jnp.broadcast_to(coefficient, spread + extra))
 
-    out = x_hat.reshape(chunk_view(x_hat.shape, plan)) * per_chunk(slope)
-    if offset is not None:
-        out = out + per_chunk(offset)
-    return out.reshape(x_hat.shape)
+    view = x_hat.reshape(chunk_view(x_hat.shape, plan))
+    if offset is None:
+        return (view * per_chunk(slope)).reshape(x_hat.shape)
+    # one stacked coefficient: the transpose forms both sums in one reduction
+    coefficients = per_chunk(jnp.stack([jnp.broadcast_to(slope, shape),
+                                        jnp.broadcast_to(offset, shape)], axis=-1))
+    terms = jnp.stack([view, jnp.ones_like(view)], axis=-1)
+    return jnp.sum(terms * coefficients, axis=-1).reshape(x_hat.shape)
 
 
 def _views(values: tuple[Any, ...], copies: int) -> tuple[tuple[Any, ...], ...]:
