@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm._axes import Axes
+from jaxnorm._implementation import resolve_implementation
 from jaxnorm._normalize import normalize
+from jaxnorm._pallas_layer_norm import pallas_row_normalize
 
 Array = jax.Array
 
@@ -36,6 +38,7 @@ def layer_norm(
     reduction_axes: Axes = -1, feature_axes: Axes = -1, eps: float = 1e-6,
     mask: Array | None = None, axis_name: Any = None, axis_index_groups: Any = None,
     dtype: Any = None, fast_variance: bool = False, zero_centered_scale: bool = False,
+    implementation: str | None = None,
 ) -> Array:
     r"""Layer normalization (Ba et al. 2016): statistics per example over ``reduction_axes``.
 
@@ -60,6 +63,10 @@ def layer_norm(
       zero_centered_scale: ``scale`` holds :math:`\gamma` of the multiplier
         :math:`1 + \gamma` (Gemma, Transformer Engine's ``zero_centered_gamma``), so
         :math:`\gamma = 0` is the identity scale; the sum runs in at least float32.
+      implementation: ``"xla"``, ``"pallas"`` (the Pallas GPU kernel of
+        :mod:`jaxnorm._pallas_layer_norm`, run in interpret mode off a GPU; statistics
+        over trailing axes only, always two-pass, no ``mask``/``axis_name``), or None
+        (automatic: XLA for now).
 
     Returns:
       ``y``, the shape of ``x``.
@@ -71,6 +78,11 @@ def layer_norm(
       [[-1.0, 1.0]]
     """
     scale, dtype = effective_scale(x, scale, bias, dtype, zero_centered_scale)
+    if resolve_implementation(implementation) == "pallas":
+        return pallas_row_normalize(
+            x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, eps=eps,
+            mask=mask, axis_name=axis_name, dtype=dtype, centered=True,
+        )
     return normalize(
         x, reduction_axes, scale, bias, feature_axes=feature_axes, eps=eps, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype,
@@ -82,7 +94,7 @@ def rms_norm(
     x: Array, scale: Array | None = None, bias: Array | None = None, *,
     reduction_axes: Axes = -1, feature_axes: Axes = -1, eps: float = 1e-6,
     mask: Array | None = None, axis_name: Any = None, axis_index_groups: Any = None,
-    dtype: Any = None, zero_centered_scale: bool = False,
+    dtype: Any = None, zero_centered_scale: bool = False, implementation: str | None = None,
 ) -> Array:
     r"""RMS normalization (Zhang & Sennrich 2019): no centring.
 
@@ -106,6 +118,10 @@ def rms_norm(
       zero_centered_scale: ``scale`` holds :math:`\gamma` of the multiplier
         :math:`1 + \gamma`, so :math:`\gamma = 0` is the identity scale; the sum runs in
         at least float32.
+      implementation: ``"xla"``, ``"pallas"`` (the Pallas GPU kernel of
+        :mod:`jaxnorm._pallas_layer_norm`, run in interpret mode off a GPU; statistics
+        over trailing axes only, always two-pass, no ``mask``/``axis_name``), or None
+        (automatic: XLA for now).
 
     Returns:
       ``y``, the shape of ``x``.
@@ -116,6 +132,11 @@ def rms_norm(
       [[0.8485, 1.1314]]
     """
     scale, dtype = effective_scale(x, scale, bias, dtype, zero_centered_scale)
+    if resolve_implementation(implementation) == "pallas":
+        return pallas_row_normalize(
+            x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, eps=eps,
+            mask=mask, axis_name=axis_name, dtype=dtype, centered=False,
+        )
     return normalize(
         x, reduction_axes, scale, bias, feature_axes=feature_axes, eps=eps, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype,

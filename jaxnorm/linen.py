@@ -250,6 +250,9 @@ class LayerNorm(nn.Module):
       zero_centered_scale: ``scale`` holds :math:`\gamma` of the multiplier
         :math:`1 + \gamma` (Gemma, Transformer Engine's ``zero_centered_gamma``); the
         default ``scale_init`` (ones) then starts it at zeros, the identity.
+      implementation: ``"xla"``, ``"pallas"`` (the Pallas GPU kernel, interpreted off a
+        GPU; trailing axes only, no ``mask``/``axis_name``) or None (automatic: XLA for
+        now); see :func:`jaxnorm.layer_norm`.
     """
 
     epsilon: float = 1e-6
@@ -266,6 +269,7 @@ class LayerNorm(nn.Module):
     use_fast_variance: bool = False
     force_float32_reductions: bool = True
     zero_centered_scale: bool = False
+    implementation: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
@@ -293,6 +297,7 @@ class LayerNorm(nn.Module):
             eps=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype,
             fast_variance=self.use_fast_variance, zero_centered_scale=self.zero_centered_scale,
+            implementation=self.implementation,
         )
 
 
@@ -318,6 +323,9 @@ class RMSNorm(nn.Module):
         starts it at zeros, the identity.
       use_bias: learn a :math:`\beta` added after scaling (default False, as Flax has none).
       bias_init: initializer of ``bias``.
+      implementation: ``"xla"``, ``"pallas"`` (the Pallas GPU kernel, interpreted off a
+        GPU; trailing axes only, no ``mask``/``axis_name``) or None (automatic: XLA for
+        now); see :func:`jaxnorm.layer_norm`.
     """
 
     epsilon: float = 1e-6
@@ -334,6 +342,7 @@ class RMSNorm(nn.Module):
     zero_centered_scale: bool = False
     use_bias: bool = False
     bias_init: Initializer = _zeros
+    implementation: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
@@ -360,7 +369,7 @@ class RMSNorm(nn.Module):
             x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=features,
             eps=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-            zero_centered_scale=self.zero_centered_scale,
+            zero_centered_scale=self.zero_centered_scale, implementation=self.implementation,
         )
 
 

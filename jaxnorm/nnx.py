@@ -356,6 +356,9 @@ class LayerNorm(nnx.Module):
       zero_centered_scale: ``scale`` holds :math:`\gamma` of the multiplier
         :math:`1 + \gamma` (Gemma, Transformer Engine's ``zero_centered_gamma``); the
         default ``scale_init`` (ones) then starts it at zeros, the identity.
+      implementation: ``"xla"``, ``"pallas"`` (the Pallas GPU kernel, interpreted off a
+        GPU; trailing axes only, no ``mask``/``axis_name``) or None (automatic: XLA for
+        now); see :func:`jaxnorm.layer_norm`.
     """
 
     def __init__(
@@ -379,6 +382,7 @@ class LayerNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
         zero_centered_scale: bool = False,
+        implementation: str | None = None,
     ):
         shape = _shape(num_features)
         scale_init = _scale_init(scale_init, zero_centered_scale)
@@ -397,6 +401,7 @@ class LayerNorm(nnx.Module):
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
         self.zero_centered_scale = zero_centered_scale
+        self.implementation = implementation
 
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalizes ``x`` (formula above).
@@ -420,7 +425,7 @@ class LayerNorm(nnx.Module):
             feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
             dtype=self.dtype, fast_variance=self.use_fast_variance,
-            zero_centered_scale=self.zero_centered_scale,
+            zero_centered_scale=self.zero_centered_scale, implementation=self.implementation,
         )
 
 
@@ -466,6 +471,9 @@ class RMSNorm(nnx.Module):
         False, as Flax has none).
       bias_init: the initializer of ``bias``; default zeros.
       bias_metadata: keyword arguments of the ``bias`` ``nnx.Param``.
+      implementation: ``"xla"``, ``"pallas"`` (the Pallas GPU kernel, interpreted off a
+        GPU; trailing axes only, no ``mask``/``axis_name``) or None (automatic: XLA for
+        now); see :func:`jaxnorm.layer_norm`.
     """
 
     def __init__(
@@ -489,6 +497,7 @@ class RMSNorm(nnx.Module):
         use_bias: bool = False,
         bias_init: Initializer = _zeros,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        implementation: str | None = None,
     ):
         shape = _shape(num_features)
         scale_init = _scale_init(scale_init, zero_centered_scale)
@@ -507,6 +516,7 @@ class RMSNorm(nnx.Module):
         self.promote_dtype = promote_dtype
         self.zero_centered_scale = zero_centered_scale
         self.use_bias = use_bias
+        self.implementation = implementation
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
         """Normalizes ``x`` (formula above).
@@ -530,6 +540,7 @@ class RMSNorm(nnx.Module):
             feature_axes=self.feature_axes, eps=self.epsilon, mask=mask,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
             dtype=self.dtype, zero_centered_scale=self.zero_centered_scale,
+            implementation=self.implementation,
         )
 
 

@@ -27,14 +27,15 @@ RUNNING_STATISTICS = ["track_running_stats", "momentum", "use_running_average"]
 EXTRAS = {
     "BatchNorm": ["unbiased_running_var", "virtual_batch_size"],
     "GroupNorm": ["feature_axis"],
-    "LayerNorm": ["zero_centered_scale"],
-    "RMSNorm": ["zero_centered_scale", "use_bias", "bias_init"],
+    "LayerNorm": ["zero_centered_scale", "implementation"],
+    "RMSNorm": ["zero_centered_scale", "use_bias", "bias_init", "implementation"],
     "InstanceNorm": RUNNING_STATISTICS,
 }
 NNX_EXTRAS = {"BatchNorm": ["unbiased_running_var", "virtual_batch_size"],
               "GroupNorm": ["feature_axis"],
-              "LayerNorm": ["zero_centered_scale"],
-              "RMSNorm": ["zero_centered_scale", "use_bias", "bias_init", "bias_metadata"],
+              "LayerNorm": ["zero_centered_scale", "implementation"],
+              "RMSNorm": ["zero_centered_scale", "use_bias", "bias_init", "bias_metadata",
+                          "implementation"],
               "InstanceNorm": RUNNING_STATISTICS}
 MISSING = {}  # arguments Flax has and jaxnorm lacks: none
 

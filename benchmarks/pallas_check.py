@@ -1,0 +1,211 @@
+"""GPU check of the Pallas kernels (``implementation="pallas"``) against the XLA path.
+
+Usage (repository root on ``PYTHONPATH``, no installs)::
+
+    python3 benchmarks/pallas_check.py OUT.json            # on a GPU: the sweep
+    python3 benchmarks/pallas_check.py OUT.json --tiny     # anywhere: small, interpreted
+
+For each case (kernel, shape, dtype) it compiles the forward and the forward+backward of
+both paths, checks the kernel's ``y``, ``dx``, ``dscale``, ``dbias`` against XLA's, and
+times both: the device time of one call is taken as the wall time of ``--calls``
+pipelined calls ended by one ``block_until_ready``, divided by the calls (best of
+``--repeats``). The pass floor is one read or write of an ``x``-sized array at the copy
+bandwidth measured in the same run (``y = x + 1``): 2 passes forward, 5 forward+backward
+(read ``x``, ``dy``, write ``dx``). Each case runs under its own ``try``; the JSON is
+rewritten after every case, and cases past ``--budget`` seconds are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxnorm
+
+SWEEP = [(8192, 2048), (8192, 4096), (8192, 5120), (8192, 8192), (50176, 768)]
+TINY = [(16, 7), (9, 130)]
+KINDS = {"layer_norm": jaxnorm.layer_norm, "rms_norm": jaxnorm.rms_norm}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
+
+
+def _functions(kind: str, implementation: str) -> tuple[Callable, Callable]:
+    """``(forward, forward_backward)``, jitted: ``y``, and ``(y, dx, dscale, dbias)``."""
+    norm = KINDS[kind]
+
+    def forward(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+        return norm(x, scale, bias, eps=1e-5, implementation=implementation)
+
+    def forward_backward(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                         dy: jax.Array) -> tuple[jax.Array, ...]:
+        y, pullback = jax.vjp(forward, x, scale, bias)
+        return (y, *pullback(dy))
+
+    return jax.jit(forward), jax.jit(forward_backward)
+
+
+def _inputs(rows: int, features: int, dtype: Any) -> tuple[jax.Array, ...]:
+    """Random ``(x, scale, bias, dy)``; ``x`` off-centre so centring matters."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = (jax.random.normal(keys[0], (rows, features), jnp.float32) * 2 + 3).astype(dtype)
+    scale = (1 + 0.1 * jax.random.normal(keys[1], (features,))).astype(dtype)
+    bias = (0.1 * jax.random.normal(keys[2], (features,))).astype(dtype)
+    dy = jax.random.normal(keys[3], (rows, features), jnp.float32).astype(dtype)
+    return x, scale, bias, dy
+
+
+def _seconds_per_call(fn: Callable, args: tuple, calls: int, repeats: int) -> float:
+    """Best over ``repeats`` of (wall time of ``calls`` pipelined calls) / ``calls``."""
+    jax.block_until_ready(fn(*args))
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def _relative_error(ours: jax.Array, theirs: jax.Array) -> float:
+    """max |ours - theirs| / max(1, max |theirs|), in float64 on the host."""
+    a, b = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    if not np.all(np.isfinite(a)):
+        return math.inf
+    return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b)))))
+
+
+def _check_case(kind: str, rows: int, features: int, dtype_name: str,
+                calls: int, repeats: int) -> dict[str, Any]:
+    """Compiles, checks and times one case; returns its record."""
+    args = _inputs(rows, features, DTYPES[dtype_name])
+    record: dict[str, Any] = {"kind": kind, "rows": rows, "features": features,
+                              "dtype": dtype_name}
+    outputs = {}
+    for implementation in ("xla", "pallas"):
+        forward, forward_backward = _functions(kind, implementation)
+        outputs[implementation] = jax.block_until_ready(forward_backward(*args))
+        record[f"{implementation}_fwd_us"] = 1e6 * _seconds_per_call(
+            forward, args[:3], calls, repeats)
+        record[f"{implementation}_fwdbwd_us"] = 1e6 * _seconds_per_call(
+            forward_backward, args, calls, repeats)
+    names = ("y", "dx", "dscale", "dbias")
+    errors = {n: _relative_error(p, x)
+              for n, p, x in zip(names, outputs["pallas"], outputs["xla"])}
+    record["errors"] = errors
+    record["ok"] = all(e <= TOLERANCE[dtype_name] for e in errors.values())
+    return record
+
+
+def _copy_bandwidth(rows: int, features: int, dtype: Any, calls: int, repeats: int) -> float:
+    """Bytes per second of ``y = x + 1`` (one read, one write) on a ``(rows, features)``."""
+    x = jnp.ones((rows, features), dtype)
+    seconds = _seconds_per_call(jax.jit(lambda v: v + 1), (x,), calls, repeats)
+    return 2 * x.size * x.dtype.itemsize / seconds
+
+
+def _add_floors(record: dict[str, Any], bandwidth: dict[str, float]) -> None:
+    """Adds the pass floors (µs) and each time's fraction of its floor."""
+    itemsize = jnp.dtype(DTYPES[record["dtype"]]).itemsize
+    pass_us = 1e6 * record["rows"] * record["features"] * itemsize / (
+        bandwidth[record["dtype"]] / 2)
+    for stage, passes in (("fwd", 2), ("fwdbwd", 5)):
+        record[f"floor_{stage}_us"] = passes * pass_us
+        for implementation in ("xla", "pallas"):
+            key = f"{implementation}_{stage}_us"
+            if key in record:
+                record[f"{implementation}_{stage}_of_floor"] = passes * pass_us / record[key]
+
+
+def _row(record: dict[str, Any]) -> str:
+    """One line of the table."""
+    head = f"{record['kind']:10} {record['rows']:>6}x{record['features']:<5} {record['dtype']:8}"
+    if "error" in record:
+        return f"{head} FAILED: {record['error']}"
+    if "skipped" in record:
+        return f"{head} skipped: {record['skipped']}"
+    cells = [f"{record.get(f'{i}_{s}_us', float('nan')):9.1f}"
+             for s in ("fwd", "fwdbwd") for i in ("xla", "pallas")]
+    floors = [f"{record.get(f'pallas_{s}_of_floor', float('nan')):5.2f}"
+              for s in ("fwd", "fwdbwd")]
+    worst = max(record["errors"].values())
+    return f"{head} {' '.join(cells)}  {' '.join(floors)}  {worst:8.1e} {'ok' if record['ok'] else 'BAD'}"
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="path of the JSON to write")
+    parser.add_argument("--tiny", action="store_true",
+                        help="small shapes, interpreted off a GPU (the CPU self-test)")
+    parser.add_argument("--calls", type=int, default=20, help="pipelined calls per timing")
+    parser.add_argument("--repeats", type=int, default=3, help="timings, best kept")
+    parser.add_argument("--budget", type=float, default=100.0,
+                        help="seconds after which the remaining cases are skipped")
+    return parser.parse_args(argv)
+
+
+def _environment() -> dict[str, Any]:
+    """What ran: versions, backend, device."""
+    return {"jax": jax.__version__, "backend": jax.default_backend(),
+            "device": str(jax.devices()[0].device_kind), "python": platform.python_version(),
+            "pallas_backend": "triton (jax.experimental.pallas.triton); interpret off GPU",
+            "timing": "wall time of pipelined calls / calls, best of repeats"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs every case, prints the table, writes the JSON; returns 0 if every case that
+    ran passed its check, 1 otherwise."""
+    options = _parse(argv)
+    calls, repeats = (2, 1) if options.tiny else (options.calls, options.repeats)
+    shapes = TINY if options.tiny else SWEEP
+    results: dict[str, Any] = {"environment": _environment(), "cases": []}
+    out = pathlib.Path(options.out)
+    start = time.perf_counter()
+    rows_, cols_ = shapes[-1] if options.tiny else (8192, 8192)
+    results["copy_bandwidth_GBps"] = {
+        name: _copy_bandwidth(rows_, cols_, dtype, calls, repeats) / 1e9
+        for name, dtype in DTYPES.items()}
+    bandwidth = {k: v * 1e9 for k, v in results["copy_bandwidth_GBps"].items()}
+    print("kind       shape        dtype     xla_fwd pallas_fwd xla_f+b pallas_f+b (us)"
+          "  floor:fwd f+b  max_err")
+    for dtype_name in DTYPES:
+        for rows, features in shapes:
+            for kind in KINDS:
+                record: dict[str, Any]
+                if time.perf_counter() - start > options.budget:
+                    record = {"kind": kind, "rows": rows, "features": features,
+                              "dtype": dtype_name, "skipped": "time budget", "ok": True}
+                else:
+                    try:
+                        record = _check_case(kind, rows, features, dtype_name, calls, repeats)
+                        _add_floors(record, bandwidth)
+                    except Exception as error:  # noqa: BLE001 - one failure must not stop the rest
+                        record = {"kind": kind, "rows": rows, "features": features,
+                                  "dtype": dtype_name, "ok": False,
+                                  "error": f"{type(error).__name__}: {str(error)[:500]}",
+                                  "traceback": traceback.format_exc()[-3000:]}
+                results["cases"].append(record)
+                print(_row(record), flush=True)
+                out.write_text(json.dumps(results, indent=1))
+    results["seconds"] = time.perf_counter() - start
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out} in {results['seconds']:.1f} s")
+    return 0 if all(case["ok"] for case in results["cases"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

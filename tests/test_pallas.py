@@ -1,0 +1,188 @@
+"""The Pallas kernels (``implementation="pallas"``), in interpret mode off a GPU: values and
+gradients against the XLA path and float64 references, odd sizes, exact bias for constant
+rows, accuracy far from zero, ``vmap``/``jit``, the modules, the errors, and the GPU check
+script's CPU path. Shapes are small: interpret mode is slow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxnorm
+from jaxnorm import linen as jl
+from jaxnorm import nnx as jx
+
+EPS = 1e-5
+NORMS = {"layer": jaxnorm.layer_norm, "rms": jaxnorm.rms_norm}
+
+
+def _reference(x, scale, bias, dy, centered: bool):
+    """float64 ``(y, dx, dscale, dbias)`` of a row normalization over the last axis."""
+    x, scale, bias, dy = (np.asarray(a, np.float64) for a in (x, scale, bias, dy))
+    centred = x - x.mean(-1, keepdims=True) if centered else x
+    rstd = 1 / np.sqrt((centred**2).mean(-1, keepdims=True) + EPS)
+    x_hat = centred * rstd
+    g = dy * scale
+    dx = g - x_hat * (g * x_hat).mean(-1, keepdims=True)
+    if centered:
+        dx = dx - g.mean(-1, keepdims=True)
+    return x_hat * scale + bias, dx * rstd, (dy * x_hat).sum(0), dy.sum(0)
+
+
+def _inputs(rows: int, features: int, dtype, seed: int = 0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    x = (jax.random.normal(keys[0], (rows, features)) * 2 + 1).astype(dtype)
+    scale = (1 + 0.5 * jax.random.normal(keys[1], (features,))).astype(dtype)
+    bias = jax.random.normal(keys[2], (features,)).astype(dtype)
+    dy = jax.random.normal(keys[3], (rows, features)).astype(dtype)
+    return x, scale, bias, dy
+
+
+def _value_and_grads(kind: str, implementation: str, x, scale, bias, dy):
+    norm = NORMS[kind]
+    y, pullback = jax.vjp(
+        lambda *a: norm(*a, eps=EPS, implementation=implementation), x, scale, bias
+    )
+    return (y, *pullback(dy.astype(y.dtype)))
+
+
+def _close(a, b, tol: float) -> None:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, np.abs(b).max()))
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("rows,features", [(3, 1), (5, 7), (4, 129), (3, 1000)])
+def test_values_and_gradients_float32(kind: str, rows: int, features: int) -> None:
+    inputs = _inputs(rows, features, jnp.float32)
+    pallas = _value_and_grads(kind, "pallas", *inputs)
+    xla = _value_and_grads(kind, "xla", *inputs)
+    reference = _reference(*inputs, centered=kind == "layer")
+    for ours, theirs, exact in zip(pallas, xla, reference):
+        assert ours.dtype == theirs.dtype
+        _close(ours, theirs, 2e-5)
+        _close(ours, exact, 2e-5)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("rows,features", [(5, 7), (3, 129)])
+def test_values_and_gradients_bfloat16(kind: str, rows: int, features: int) -> None:
+    inputs = _inputs(rows, features, jnp.bfloat16, seed=1)
+    pallas = _value_and_grads(kind, "pallas", *inputs)
+    xla = _value_and_grads(kind, "xla", *inputs)
+    reference = _reference(*inputs, centered=kind == "layer")
+    for ours, theirs, exact in zip(pallas, xla, reference):
+        assert ours.dtype == jnp.bfloat16
+        _close(ours, theirs, 3e-2)
+        _close(ours, exact, 3e-2)
+
+
+def test_mixed_dtypes_promote() -> None:
+    """bfloat16 ``x`` with float32 parameters: float32 ``y``, as the XLA path."""
+    x, scale, bias, _ = _inputs(3, 7, jnp.float32)
+    x = x.astype(jnp.bfloat16)
+    ours = jaxnorm.layer_norm(x, scale, bias, implementation="pallas")
+    theirs = jaxnorm.layer_norm(x, scale, bias, implementation="xla")
+    assert ours.dtype == theirs.dtype == jnp.float32
+    _close(ours, theirs, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_constant_rows_give_exactly_bias(dtype) -> None:
+    x = jnp.broadcast_to(jnp.array([[0.1], [-3.7], [1e4]], dtype), (3, 129))
+    scale = jnp.linspace(0.5, 2.0, 129, dtype=dtype)
+    bias = jnp.linspace(-1.0, 1.0, 129, dtype=dtype)
+    y = jaxnorm.layer_norm(x, scale, bias, implementation="pallas")
+    np.testing.assert_array_equal(np.asarray(y), np.broadcast_to(np.asarray(bias), y.shape))
+
+
+def test_far_from_zero_is_accurate() -> None:
+    """|mean|/std = 1e4 in float32: the shifted two-pass variance keeps the digits."""
+    x, scale, bias, dy = _inputs(6, 1000, jnp.float32, seed=2)
+    x = x / 2 + 1e4
+    pallas = _value_and_grads("layer", "pallas", x, scale, bias, dy)
+    reference = _reference(x, scale, bias, dy, centered=True)
+    for ours, exact in zip(pallas, reference):
+        _close(ours, exact, 2e-4)
+
+
+def test_several_trailing_axes_and_zero_centered_scale() -> None:
+    x = jax.random.normal(jax.random.key(3), (2, 3, 4, 5))
+    scale = jax.random.normal(jax.random.key(4), (4, 5)) * 0.1
+    options = dict(reduction_axes=(-2, -1), feature_axes=(2, 3), zero_centered_scale=True)
+    ours = jaxnorm.layer_norm(x, scale, implementation="pallas", **options)
+    theirs = jaxnorm.layer_norm(x, scale, implementation="xla", **options)
+    _close(ours, theirs, 2e-5)
+
+
+def test_no_parameters_and_empty_input() -> None:
+    x = jax.random.normal(jax.random.key(5), (4, 9))
+    _close(jaxnorm.rms_norm(x, implementation="pallas"), jaxnorm.rms_norm(x), 2e-5)
+    empty = jnp.zeros((0, 9))
+    assert jaxnorm.layer_norm(empty, implementation="pallas").shape == (0, 9)
+
+
+def test_vmap_and_jit() -> None:
+    x, scale, bias, dy = _inputs(12, 33, jnp.float32, seed=6)
+    x, dy = x.reshape(3, 4, 33), dy.reshape(3, 4, 33)
+
+    def loss(x, scale, bias, implementation):
+        y = jax.vmap(lambda row: jaxnorm.layer_norm(
+            row, scale, bias, eps=EPS, implementation=implementation))(x)
+        return jnp.sum(y * dy)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    (ours, ours_grads), (theirs, theirs_grads) = grad(x, scale, bias, "pallas"), grad(
+        x, scale, bias, "xla")
+    _close(ours, theirs, 2e-5)
+    for a, b in zip(ours_grads, theirs_grads):
+        _close(a, b, 2e-5)
+
+
+def test_modules_with_pallas() -> None:
+    x = jax.random.normal(jax.random.key(7), (3, 10))
+    for cls in (jl.LayerNorm, jl.RMSNorm):
+        pallas, xla = cls(implementation="pallas"), cls()
+        params = xla.init(jax.random.key(0), x)
+        _close(pallas.apply(params, x), xla.apply(params, x), 2e-5)
+    for cls in (jx.LayerNorm, jx.RMSNorm):
+        pallas = cls(10, rngs=nnx.Rngs(0), implementation="pallas")
+        xla = cls(10, rngs=nnx.Rngs(0))
+        _close(pallas(x), xla(x), 2e-5)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_errors_name_the_argument(kind: str) -> None:
+    norm = NORMS[kind]
+    x = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        norm(x, implementation="triton")
+    with pytest.raises(ValueError, match="implementation='pallas'.*mask"):
+        norm(x, mask=x > 0, implementation="pallas")
+    with pytest.raises(ValueError, match="implementation='pallas'.*axis_name"):
+        norm(x, axis_name="batch", implementation="pallas")
+    with pytest.raises(ValueError, match="implementation='pallas'.*trailing"):
+        norm(x, reduction_axes=0, feature_axes=0, implementation="pallas")
+    with pytest.raises(ValueError, match="implementation='pallas'.*complex"):
+        norm(x.astype(jnp.complex64), implementation="pallas")
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        jl.LayerNorm(implementation="Pallas").init(jax.random.key(0), x)
+
+
+def test_gpu_check_script_cpu_path(tmp_path: pathlib.Path) -> None:
+    """``benchmarks/pallas_check.py --tiny`` runs its cases interpreted and writes JSON."""
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "pallas_check.py"
+    spec = importlib.util.spec_from_file_location("pallas_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "check.json"
+    assert module.main([str(out), "--tiny"]) == 0
+    results = json.loads(out.read_text())
+    assert results["cases"] and all(case["ok"] for case in results["cases"]), results
