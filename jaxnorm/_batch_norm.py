@@ -18,6 +18,7 @@ The running averages are a separate pure function, :func:`jaxnorm.update_running
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -185,10 +186,9 @@ def batch_norm(
       allow_single_value: accept one value per channel (output ``bias``, variance 0), as
         Flax's modules do; by default it raises ``ValueError``.
       return_moments: return ``(y, BatchMoments)`` (for the running-statistics update).
-      pivot: with ``axis_name``, a feature-shaped value every member holds (the modules
-        pass the running mean): then one ``psum`` of sums of :math:`x - p`, accurate while
-        :math:`|\mu_B - p|/\sigma_B` is moderate; without it, a ``pmax``-agreed data pivot
-        and an exact merge of the members' statistics (three collectives).
+      pivot: deprecated and ignored (a ``DeprecationWarning``): synchronized statistics
+        no longer need a shared shift; every member's own stable statistics are gathered
+        and merged exactly, in one collective (:func:`jaxnorm.moments`).
 
     Returns:
       ``(y, mean, var)``: the biased batch mean and variance in feature shape, at least
@@ -206,11 +206,12 @@ def batch_norm(
         _check_spread(grouping, stats_axis is not None, x, axis, virtual_batch_size)
     spec = NormSpec(grouping.reduction, spec_eps, output_dtype(dtype, x, scale, bias), True,
                     fast_variance)
-    pivot = None if stats_axis is None else feature_parameters(
-        x, pivot, None, features, names=("pivot", ""))[0]
+    if pivot is not None:
+        warnings.warn("batch_norm's `pivot` is ignored: synchronized statistics are merged "
+                      "exactly without one", DeprecationWarning, stacklevel=2)
     y, mean, var, count = _normalize_groups(
         grouping, scale, bias, spec, _expanded_renorm(renorm, x, features), stats_axis,
-        axis_index_groups, traced_eps, ghost, pivot,
+        axis_index_groups, traced_eps, ghost,
     )
     moments = _batch_moments(grouping, mean, var, count, axis_name, axis_index_groups, ghost)
     if return_moments:
@@ -221,7 +222,7 @@ def batch_norm(
 def _normalize_groups(
     grouping: _Grouping, scale: Array | None, bias: Array | None, spec: NormSpec,
     renorm: Renorm | None, axis_name: Any, axis_index_groups: Any, traced_eps: Any,
-    ghost: bool, pivot: Array | None = None,
+    ghost: bool,
 ) -> tuple[Array, Array, Array, Array]:
     """Normalizes the (grouped) batch: the dispatcher does plain BatchNorm; renormalization
     first takes the statistics, then corrects the parameters with them. Feature-shaped
@@ -233,12 +234,12 @@ def _normalize_groups(
 
     scale, bias = grouped(scale), grouped(bias)
     kwargs = {"mask": grouping.mask, "axis_name": axis_name,
-              "axis_index_groups": axis_index_groups, "eps": traced_eps, "pivot": pivot}
+              "axis_index_groups": axis_index_groups, "eps": traced_eps}
     if renorm is None:
         return normalize_over(grouping.x, scale, bias, spec, **kwargs)
     mean, var, count = moments_and_count(
         grouping.x, spec.reduction, mask=grouping.mask, axis_name=axis_name,
-        axis_index_groups=axis_index_groups, fast_variance=spec.fast_variance, pivot=pivot,
+        axis_index_groups=axis_index_groups, fast_variance=spec.fast_variance,
     )
     renorm = renorm._replace(running_mean=grouped(renorm.running_mean),
                              running_var=grouped(renorm.running_var))

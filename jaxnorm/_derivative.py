@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxnorm._affine import NormSpec, compute_dtype, standardize
+from jaxnorm._sharding import explicit_shards
 from jaxnorm._stats import chunk_view, element_count, gpu_chunks, shifted_moments
 
 Array = jax.Array
@@ -190,7 +191,8 @@ def _per_set_terms(x_hat: Array, slope: Array, offset: Array | None) -> Array:
     shape = jnp.broadcast_shapes(slope.shape, slope.shape if offset is None else offset.shape)
     spread_axes = tuple(a for a in range(x_hat.ndim)
                         if shape[a] == 1 and x_hat.shape[a] != 1)
-    plan = gpu_chunks(x_hat.shape, spread_axes)
+    # a chunk view of an explicitly sharded array is undefined
+    plan = None if explicit_shards(x_hat) else gpu_chunks(x_hat.shape, spread_axes)
     if plan is None:
         return _direct_per_set_terms(x_hat, slope, offset)
     chunked = functools.partial(_chunked_per_set_terms, plan=plan)

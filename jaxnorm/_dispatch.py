@@ -2,7 +2,7 @@ r"""The one dispatcher: every normalization in jaxnorm ends in :func:`normalize_
 
 It chooses the path: the closed-form derivative of :mod:`jaxnorm._derivative` when the
 statistics are ``x``'s own and local (the hot path), otherwise :func:`jaxnorm.moments`
-(across devices, or with a traced ``eps``) or the caller's statistics, differentiated op
+(across devices, over explicitly sharded axes, or with a traced ``eps``) or the caller's statistics, differentiated op
 by op; both end in the affine of :mod:`jaxnorm._affine`.
 """
 
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from jaxnorm._affine import NormSpec, compute_dtype, scaled_rstd, standardize
 from jaxnorm._derivative import normalize_with_statistics
+from jaxnorm._sharding import sharded_reduction
 from jaxnorm._stats import element_count, moments_and_count
 
 Array = jax.Array
@@ -33,7 +34,6 @@ def normalize_over(
     mean: Array | None = None,
     var: Array | None = None,
     count: Array | None = None,
-    pivot: Array | None = None,
 ) -> tuple[Array, Array, Array, Array | None]:
     r"""``(y, mean, var, count)``: ``x`` normalized over ``spec.reduction``.
 
@@ -51,9 +51,6 @@ def normalize_over(
       mean: given statistics (keepdims, with ``var``): no statistics are computed.
       var: given variance, with ``mean``.
       count: with given statistics, the number of elements they count (keepdims), or None.
-      pivot: across ``axis_name``, a shift every member shares (keepdims or broadcastable),
-        e.g. the replicated running mean: the statistics then take one ``psum``
-        (:func:`jaxnorm._stats.shifted_moments`).
 
     Returns:
       ``y`` in ``spec.dtype``; ``mean``/``var`` keep the reduced axes, at least float32;
@@ -61,14 +58,15 @@ def normalize_over(
       without ``count``).
     """
     real = not jnp.iscomplexobj(x)
-    if mean is None and axis_name is None and eps is None and real:
+    local = axis_name is None and not sharded_reduction(x, spec.reduction)
+    if mean is None and local and eps is None and real:
         y, mean, var = normalize_with_statistics(x, scale, bias, mask, spec)
         return y, mean, var, element_count(x.shape, spec.reduction, mask, mean.real.dtype)
     if mean is None:
         mean, var, count = moments_and_count(
             x, spec.reduction, mask=mask, axis_name=axis_name,
             axis_index_groups=axis_index_groups, centered=spec.centered,
-            fast_variance=spec.fast_variance, pivot=pivot if axis_name is not None else None,
+            fast_variance=spec.fast_variance,
         )
     eps = spec.eps if eps is None else eps
     compute = compute_dtype(x.dtype, spec.dtype)

@@ -38,6 +38,7 @@ statistics of the concatenated batch, exact for unequal (masked) counts.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any, NamedTuple
 
@@ -45,7 +46,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax.sharding import PartitionSpec
+
 from jaxnorm._axes import Axes, broadcast_mask, canonicalize_axes, check_floating
+from jaxnorm._sharding import explicit_shards, sharded_reduction
 
 
 def statistics_dtype(dtype: Any) -> jnp.dtype:
@@ -61,6 +65,12 @@ def element_count(
     if mask is None:
         return jnp.asarray(math.prod(shape[a] for a in axes), dtype)
     return jnp.sum(mask, axis=axes, keepdims=True, dtype=dtype)
+
+
+def _count_like(count: jax.Array, like: jax.Array) -> jax.Array:
+    """``count`` broadcast to ``like``'s shape and (explicit) sharding, so that every
+    backend's arrangement returns statistics of one type."""
+    return count + jnp.zeros_like(like)
 
 
 class ShiftedMoments(NamedTuple):
@@ -110,7 +120,7 @@ def _shifted_sums(
     d = x - pivot
     if mask is not None:
         d = jnp.where(mask, d, 0)
-    count = jnp.broadcast_to(element_count(x.shape, axes, mask, x.dtype), pivot.shape)
+    count = _count_like(element_count(x.shape, axes, mask, x.dtype), pivot)
     return count, jnp.sum(d, axis=axes, keepdims=True), jnp.sum(d * d, axis=axes, keepdims=True)
 
 
@@ -155,7 +165,7 @@ def _split_shifted_sums(x: jax.Array, pivot: jax.Array, axes: tuple[int, ...]
     barrier (which keeps XLA from merging the stages), their sum over the chunks and the
     other reduction axes."""
     plan = gpu_chunks(x.shape, axes)
-    if plan is None:
+    if plan is None or explicit_shards(x):  # a chunk view of a sharded array is undefined
         return _shifted_sums(x, pivot, axes, None)
     lead, end, _ = plan
     d = x.reshape(chunk_view(x.shape, plan)) - pivot.reshape(chunk_view(pivot.shape, (
@@ -166,7 +176,7 @@ def _split_shifted_sums(x: jax.Array, pivot: jax.Array, axes: tuple[int, ...]
     zero = jnp.zeros((), x.dtype)
     first, second = lax.reduce(partial, (zero, zero),
                                lambda a, b: (a[0] + b[0], a[1] + b[1]), rest)
-    count = jnp.broadcast_to(element_count(x.shape, axes, None, x.dtype), pivot.shape)
+    count = _count_like(element_count(x.shape, axes, None, x.dtype), pivot)
     return count, first.reshape(pivot.shape), second.reshape(pivot.shape)
 
 
@@ -192,28 +202,8 @@ def _two_pass(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> Sh
     count = element_count(x.shape, axes, mask, x.dtype)
     mean = jnp.sum(weighted, axis=axes, keepdims=True) / jnp.maximum(count, 1)
     _, offset_sum, spread = _shifted_sums(x, mean, axes, mask)
-    count = jnp.broadcast_to(count, mean.shape)
+    count = _count_like(count, mean)
     return _from_sums(mean, count, offset_sum, spread)
-
-
-def _agreed_pivot(
-    x: jax.Array,
-    axes: tuple[int, ...],
-    mask: jax.Array | None,
-    axis_name: Any,
-    axis_index_groups: Any,
-) -> jax.Array:
-    r"""A data value every member agrees on (keepdims, no gradient): the largest of the
-    members' first elements (under a mask: of their largest counted elements); 0 when
-    nothing is counted anywhere."""
-    if mask is None:
-        pivot = _first_elements(x, axes)
-    else:
-        pivot = jnp.max(jnp.where(mask, x, -jnp.inf), axis=axes, keepdims=True)
-    # stop_gradient first: pmax has no differentiation rule (the statistics do not depend
-    # on the pivot mathematically)
-    pivot = lax.pmax(lax.stop_gradient(pivot), axis_name, axis_index_groups=axis_index_groups)
-    return lax.stop_gradient(jnp.where(jnp.isfinite(pivot), pivot, 0))
 
 
 # Largest mean² / var for which XLA:CPU keeps the unshifted one-pass variance: its rounding
@@ -238,7 +228,7 @@ def _cpu_moments(x: jax.Array, axes: tuple[int, ...], raw: jax.Array | None = No
     mean = jnp.sum(x, axis=axes, keepdims=True) / safe_count
     var = jnp.maximum(jnp.sum(x * x, axis=axes, keepdims=True) / safe_count - mean * mean, 0)
     one_pass = ShiftedMoments(mean, jnp.zeros_like(mean), var,
-                              jnp.broadcast_to(count, mean.shape))
+                              _count_like(count, mean))
     well_conditioned = jnp.all(mean * mean <= ONE_PASS_CONDITION_LIMIT * var)
     return lax.cond(well_conditioned, lambda: one_pass,
                     lambda: _two_pass(raw.astype(x.dtype), axes, None))
@@ -298,7 +288,7 @@ def _refined_rows(x: jax.Array, axes: tuple[int, ...], refine: bool = True
     if refine:
         mean = mean + jnp.sum(x - mean, axis=axes, keepdims=True) / safe_count
     var = jnp.sum(jnp.square(x - mean), axis=axes, keepdims=True) / safe_count
-    return ShiftedMoments(mean, jnp.zeros_like(mean), var, jnp.broadcast_to(count, mean.shape))
+    return ShiftedMoments(mean, jnp.zeros_like(mean), var, _count_like(count, mean))
 
 
 def _group_pivot_shifted(x: jax.Array, raw: jax.Array, axes: tuple[int, ...]
@@ -366,7 +356,7 @@ def _merged_moments(x: jax.Array, axes: tuple[int, ...]) -> ShiftedMoments:
     sums = lax.reduce((jnp.ones_like(x), x, zeros, zeros), (zero,) * 4, _merge_moments, axes)
     _, high, low, spread = (jnp.expand_dims(v, axes) for v in sums)
     # the count as every other path gives it (replicated under shard_map, not varying)
-    count = jnp.broadcast_to(element_count(x.shape, axes, None, x.dtype), high.shape)
+    count = element_count(x.shape, axes, None, x.dtype) + jnp.zeros_like(high)
     return ShiftedMoments(high, low, spread / jnp.maximum(count, 1), count)
 
 
@@ -387,54 +377,130 @@ def _merged_moments_jvp(axes: tuple[int, ...], primals: tuple[jax.Array],
     return moments, ShiftedMoments(zeros, dmean, dvar, zeros)
 
 
-def _combine_across(moments: ShiftedMoments, axis_name: Any, axis_index_groups: Any
-                    ) -> ShiftedMoments:
-    r"""The statistics of the concatenated batch from each member's (Chan et al. 1979),
-    with :math:`N = \sum_d n_d` and members' means :math:`o_d` relative to a shared pivot:
-    :math:`o = \frac1N \sum_d n_d o_d`,
-    :math:`\sigma^2 = \frac1N \sum_d n_d (\sigma_d^2 + (o_d - o)^2)`. No cancellation,
-    exact for unequal counts; two collectives."""
-    count = jnp.broadcast_to(moments.count, moments.offset.shape)
-    total, weighted = lax.psum((count, count * moments.offset), axis_name,
-                               axis_index_groups=axis_index_groups)
+def _keepdims_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(1 if a in axes else n for a, n in enumerate(shape))
+
+
+def merge_members(count: jax.Array, pivot: jax.Array, offset: jax.Array, var: jax.Array,
+                  member_axes: tuple[int, ...]) -> ShiftedMoments:
+    r"""The statistics of the union of members' sets, each given (stacked along
+    ``member_axes``) as its count :math:`n_d`, mean :math:`p_d + o_d` and variance
+    :math:`\sigma_d^2` (Chan, Golub & LeVeque 1979). Relative to a reference :math:`r`, the
+    largest counted member's pivot (a data value, so :math:`p_d - r` is exact for nearby
+    pivots), :math:`\delta_d = (p_d - r) + o_d`, :math:`N = \sum n_d`,
+
+    .. math::
+        \mu = r + o,\quad o = \tfrac1N \textstyle\sum n_d\delta_d,\qquad
+        \sigma^2 = \tfrac1N \sum n_d\,(\sigma_d^2 + (\delta_d - o)^2).
+
+    Sums of non-negative terms and differences of nearby means: no cancellation at any
+    offset; exact for unequal counts; members with :math:`n_d = 0` (fully masked) add
+    nothing. The member axes are kept with size one."""
+    count = jnp.broadcast_to(count, pivot.shape)
+    counted = count > 0
+    reference = jnp.max(jnp.where(counted, pivot, -jnp.inf), axis=member_axes, keepdims=True)
+    reference = lax.stop_gradient(jnp.where(jnp.isfinite(reference), reference, 0))
+    delta = jnp.where(counted, (pivot - reference) + offset, 0)
+    total = jnp.sum(count, axis=member_axes, keepdims=True)
     safe_total = jnp.maximum(total, 1)
-    offset = weighted / safe_total
-    spread = jnp.where(count > 0, count * (moments.var + jnp.square(moments.offset - offset)), 0)
-    var = lax.psum(spread, axis_name, axis_index_groups=axis_index_groups) / safe_total
-    return ShiftedMoments(moments.pivot, offset, var, total)
+    merged_offset = jnp.sum(count * delta, axis=member_axes, keepdims=True) / safe_total
+    spread = jnp.where(counted, count * (var + jnp.square(delta - merged_offset)), 0)
+    merged_var = jnp.sum(spread, axis=member_axes, keepdims=True) / safe_total
+    return ShiftedMoments(reference, merged_offset, merged_var, total)
+
+
+def _stacked(moments: ShiftedMoments) -> jax.Array:
+    """``(count, pivot, offset, var)`` as one array (leading axis of 4): one collective."""
+    count = moments.count + jnp.zeros_like(moments.pivot)  # the pivot's shape and sharding
+    return jnp.stack([count, moments.pivot, moments.offset, moments.var])
+
+
+_GATHER_HAS_TO = "to" in inspect.signature(lax.all_gather).parameters
+
+
+def _varying_in_shard_map(x: jax.Array, axis_name: Any, axis_index_groups: Any) -> bool:
+    """Whether ``x`` varies across ``axis_name`` as a ``shard_map`` manual axis (whose
+    replication check needs the gathered statistics marked invariant), and this JAX can
+    gather to an invariant value."""
+    names = set(axis_name) if isinstance(axis_name, (tuple, list)) else {axis_name}
+    aval = jax.typeof(x)
+    varying = getattr(aval, "vma", None)  # its name before JAX 0.10
+    if varying is None:
+        varying = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+    return _GATHER_HAS_TO and axis_index_groups is None and names <= set(varying)
+
+
+def _gathered_across(moments: ShiftedMoments, axis_name: Any, axis_index_groups: Any
+                     ) -> ShiftedMoments:
+    r"""The statistics of the concatenated batch of every member of ``axis_name``: one
+    ``all_gather`` of each member's :math:`(n, p, o, \sigma^2)`, then every member merges
+    them locally in the same order (:func:`merge_members`), so all hold the same values.
+    Its derivative is one reduce-scatter."""
+    # every member (of a group) merges the same values: the result is invariant across
+    # the axis, as a psum's would be (shard_map's replication check)
+    stacked = _stacked(moments)
+    to = {"to": "invarying"} if _varying_in_shard_map(stacked, axis_name, axis_index_groups
+                                                       ) else {}
+    gathered = lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups, **to)
+    merged = merge_members(*(gathered[:, i] for i in range(4)), member_axes=(0,))
+    return ShiftedMoments(*(value[0] for value in merged))
+
+
+def _sharded_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
+                     shards: dict[int, int]) -> ShiftedMoments:
+    """Sets that span explicitly sharded axes (:mod:`jaxnorm._sharding`): each such axis
+    viewed as ``(shards, rest)`` (the only split defined on it), every shard's moments
+    (:func:`local_moments` over ``rest`` and the other axes), gathered (one all-gather of
+    ``4 x shards`` values per set) and merged (:func:`merge_members`)."""
+    view, inner, members, spec = [], [], [], []
+    x_spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
+    for axis, size in enumerate(x.shape):
+        if axis in shards:
+            members.append(len(view))
+            view += [shards[axis], size // shards[axis]]
+            inner.append(len(view) - 1)
+            spec += [None, None]
+        else:
+            if axis in axes:
+                inner.append(len(view))
+            view.append(size)
+            spec.append(None if axis in axes else x_spec[axis])
+    mask = None if mask is None else mask.reshape(view)
+    local = local_moments(x.reshape(view), tuple(inner), mask)
+    gathered = jax.sharding.reshard(_stacked(local), PartitionSpec(None, *spec))
+    merged = merge_members(*(gathered[i] for i in range(4)), member_axes=tuple(members))
+    keepdims = _keepdims_shape(x.shape, axes)
+    return ShiftedMoments(*(value.reshape(keepdims) for value in merged))
 
 
 def shifted_moments(
     x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = None, *,
-    axis_name: Any = None, axis_index_groups: Any = None, pivot: jax.Array | None = None,
-    centered: bool = True, fast_variance: bool = False, single_pass: bool = False,
+    axis_name: Any = None, axis_index_groups: Any = None, centered: bool = True,
+    fast_variance: bool = False, single_pass: bool = False,
 ) -> ShiftedMoments:
     r"""The statistics of a floating ``x`` (summed in at least float32), with canonical
     ``axes`` and a full-shape boolean ``mask`` (module docstring).
 
-    Across ``axis_name`` with a ``pivot`` (keepdims, the same on every member, e.g. the
-    replicated running mean): one ``psum`` of shifted sums, accurate while
-    :math:`|\mu - p| / \sigma` is moderate. Without one: the members agree on a data pivot
-    (``pmax``), compute :func:`local_moments` of ``x - pivot`` and merge them exactly
-    (:func:`_combine_across`), robust to outliers at the price of three collectives.
-    ``centered=False`` gives mean 0 and :math:`E[x^2]`; ``fast_variance`` Flax's unshifted
-    one-pass formula; both one ``psum``."""
+    Sets that span an explicitly sharded axis: the shards' moments merged
+    (:func:`_sharded_moments`). Across ``axis_name``: each member's own stable statistics,
+    one ``all_gather`` and a local exact merge (:func:`_gathered_across`), stable from the
+    first step whatever the offset. ``centered=False`` gives mean 0 and :math:`E[x^2]`;
+    ``fast_variance`` Flax's unshifted one-pass formula; both one ``psum``."""
     raw, x = x, x.astype(statistics_dtype(x.dtype))
-    if centered and not fast_variance and pivot is None:
+    if centered and not fast_variance:
+        shards = sharded_reduction(x, axes)
+        if shards:
+            local = _sharded_moments(raw, axes, mask, shards)
+        else:
+            local = local_moments(raw, axes, mask, single_pass)
         if axis_name is None:
-            return local_moments(raw, axes, mask, single_pass)
-        pivot = _agreed_pivot(x, axes, mask, axis_name, axis_index_groups)
-        local = local_moments(x - pivot, axes, mask)
-        # each member's mean relative to the shared pivot, then merged
-        local = local._replace(pivot=pivot, offset=local.mean)
-        return _combine_across(local, axis_name, axis_index_groups)
-    if not centered or fast_variance:
-        pivot = jnp.zeros(tuple(1 if a in axes else n for a, n in enumerate(x.shape)), x.dtype)
-    pivot = lax.stop_gradient(jnp.broadcast_to(pivot, _first_elements(x, axes).shape))
-    sums = _shifted_sums(x, pivot.astype(x.dtype), axes, mask)
+            return local
+        return _gathered_across(local, axis_name, axis_index_groups)
+    pivot = jnp.zeros(_keepdims_shape(x.shape, axes), x.dtype)
+    sums = _shifted_sums(x, pivot, axes, mask)
     if axis_name is not None:
         sums = lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
-    moments = _from_sums(pivot.astype(x.dtype), *sums)
+    moments = _from_sums(pivot, *sums)
     if not centered:
         return moments._replace(offset=jnp.zeros_like(moments.offset),
                                 var=sums[2] / jnp.maximum(sums[0], 1))
@@ -485,7 +551,6 @@ def moments(
 def moments_and_count(
     x: jax.Array, axes: Axes, *, mask: jax.Array | None = None, axis_name: Any = None,
     axis_index_groups: Any = None, centered: bool = True, fast_variance: bool = False,
-    pivot: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`moments` (keepdims) with the number of counted elements of each set, summed
     over ``axis_name``: what the dispatcher needs to give fully masked sets ``bias``."""
@@ -497,7 +562,7 @@ def moments_and_count(
                                 axis_index_groups)
     moments = shifted_moments(x, axes, mask, axis_name=axis_name,
                               axis_index_groups=axis_index_groups, centered=centered,
-                              fast_variance=fast_variance, pivot=pivot)
+                              fast_variance=fast_variance)
     return moments.mean, moments.var, moments.count
 
 

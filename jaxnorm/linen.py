@@ -166,8 +166,6 @@ class BatchNorm(nn.Module):
             dtype=self.dtype, virtual_batch_size=self.virtual_batch_size,
             renorm=self._renorm(values), fast_variance=self.use_fast_variance,
             allow_single_value=True, return_moments=True,
-            # the replicated running mean: one psum per layer across members
-            pivot=values.mean,
         )
         if not initializing:  # as Flax, `init` does not move the statistics
             updated = jaxnorm.update_running_statistics(

@@ -237,8 +237,6 @@ class BatchNorm(nnx.Module):
             dtype=self.dtype, virtual_batch_size=self.virtual_batch_size,
             renorm=self._renorm(), fast_variance=self.use_fast_variance,
             allow_single_value=True, return_moments=True,
-            # the replicated running mean: one psum per layer across members
-            pivot=self.mean[...],
         )
         running = jaxnorm.update_running_statistics(
             jaxnorm.RunningStatistics(self.mean[...], self.var[...], _value(self.count)),

@@ -1,0 +1,45 @@
+r"""Explicit sharding: which axes of an array are split across devices in its type.
+
+Under a mesh with ``AxisType.Explicit`` axes (``jax.make_mesh``'s default) an array's
+sharding is part of its type, and some operations are not defined on a sharded axis: a
+slice of size one (a pivot taken from the first element) or a reshape that splits the axis
+other than as ``(shards, rest)``. The statistics read the sharding from here and, where a
+reduction set spans a sharded axis, view that axis as ``(shards, rest)`` and merge the
+shards' moments (:func:`jaxnorm._stats.shifted_moments`). Auto axes (GSPMD) and manual
+axes (inside ``shard_map``) are not in the type: every operation is defined there, so they
+report nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+
+def explicit_shards(x: jax.Array) -> dict[int, int]:
+    """``{axis: number of shards}`` for each axis of ``x`` that its type shards over mesh
+    axes of ``AxisType.Explicit``; empty outside such a mesh (or where this JAX has no
+    sharding in types)."""
+    try:
+        sharding = jax.typeof(x).sharding
+        spec, mesh = sharding.spec, sharding.mesh
+        axis_types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+        sizes = dict(mesh.shape)
+    except (AttributeError, TypeError, ValueError):
+        return {}
+    explicit = jax.sharding.AxisType.Explicit
+    shards = {}
+    for axis, entry in enumerate(tuple(spec)[: x.ndim]):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        names = tuple(n for n in names if axis_types.get(n) == explicit)
+        count = math.prod(sizes[n] for n in names)
+        if count > 1:
+            shards[axis] = count
+    return shards
+
+
+def sharded_reduction(x: jax.Array, axes: tuple[int, ...]) -> dict[int, int]:
+    """The reduction ``axes`` of ``x`` that are explicitly sharded, with their shard
+    counts (:func:`explicit_shards`)."""
+    return {a: n for a, n in explicit_shards(x).items() if a in axes}
