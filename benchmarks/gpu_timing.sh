@@ -1,133 +1,127 @@
 #!/usr/bin/env bash
-# Times every `benchmarks/run.py --quick` case on one NVIDIA GPU: jaxnorm, Flax, PyTorch
-# eager and torch.compile, and appends a dated Markdown table (with the device name) to
-# benchmarks/GPU_RESULTS.md. One command on a fresh machine, meant to finish in under
-# 8 minutes:
+# Device time of jaxnorm vs Flax vs PyTorch on one NVIDIA GPU over the shared shape sweep
+# (benchmarks/sweep.py), in one command and under 5 minutes:
 #
-#     bash benchmarks/gpu_timing.sh
+#     bash benchmarks/gpu_timing.sh                 # writes benchmarks/gpu/<device>-<date>.{json,md}
+#     bash benchmarks/gpu_timing.sh --only LayerNorm   # any gpu_bench.py option passes through
+#
+# It runs as is on a machine without network access: when `python3` (or $PYTHON) already
+# imports a CUDA-enabled JAX, Flax and PyTorch, it uses them and installs nothing (jaxnorm
+# itself comes from this checkout, through PYTHONPATH). Only when something is missing AND
+# a package index answers does it install the missing pieces, into a virtual environment
+# that sees the system's packages ($GPU_VENV, default .venv-gpu in the repository). Without
+# PyTorch the PyTorch columns stay empty; without a CUDA JAX nothing can be timed.
 #
 # Environment:
-#   GPU_VENV     the virtual environment to create/reuse (default: .venv-gpu in the repo,
-#                which .gitignore ignores)
-#   PYTHON       the interpreter to create it with (default: python3; needs >= 3.11)
-#   BUDGET_S     seconds the whole run may take (default: 460); the PyTorch step stops
-#                early, keeping the cases it finished, when it would run past it
-#   TORCH_SPEC   the torch requirement (default: PyPI's CUDA 13 build `torch` when the
-#                driver supports CUDA 13, else `torch==2.10.0`, the last CUDA 12.8 build)
+#   PYTHON    the interpreter to use (default: python3)
+#   TOTAL_S   seconds the whole command may take (default: 285)
+#   BUDGET_S  seconds for benchmarks/gpu_bench.py (default: TOTAL_S minus the checks here)
+#   GPU_VENV  where to install missing packages (default: <repo>/.venv-gpu)
 #
-# Steps: venv + `jax[cuda12]==0.10.2`, flax, torch in one resolver pass (the JAX and the
-# PyTorch timings run in separate processes, so their CUDA libraries never share one);
-# `run.py --quick --no-memory --json` for jaxnorm vs Flax; run.py's `torch_times` per case
-# (each written as soon as it is measured); then the merged table.
-set -euo pipefail
+# With --tiny (tiny shapes, a smoke test) it also runs on a CPU-only JAX and installs nothing.
+#
+# The timing itself is benchmarks/gpu_bench.py (its docstring says what is measured).
+set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-GPU_VENV="${GPU_VENV:-$REPO/.venv-gpu}"
 PYTHON="${PYTHON:-python3}"
-BUDGET_S="${BUDGET_S:-460}"
-RESULTS="$REPO/benchmarks/GPU_RESULTS.md"
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+TOTAL_S="${TOTAL_S:-285}"
+GPU_VENV="${GPU_VENV:-$REPO/.venv-gpu}"
 SECONDS=0
+export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false   # leave GPU memory to PyTorch as well
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 log() { printf '[gpu_timing %3ds] %s\n' "$SECONDS" "$*" >&2; }
 
-command -v nvidia-smi >/dev/null || { echo "nvidia-smi not found: this needs an NVIDIA GPU" >&2; exit 1; }
-DEVICE="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 1)"
-DRIVER_CUDA="$(nvidia-smi | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\)\..*/\1/p' | head -n 1)"
-if [ -z "${TORCH_SPEC:-}" ]; then
-    if [ "${DRIVER_CUDA:-0}" -ge 13 ]; then TORCH_SPEC="torch"; else TORCH_SPEC="torch==2.10.0"; fi
+# Prints what the interpreter $1 lacks: jax, jax-cuda, flax, torch, torch-cuda (each probe
+# in its own process, so that the two CUDA stacks never load together).
+missing_in() {
+    local py="$1" out=""
+    timeout 120 "$py" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")' \
+        >/dev/null 2>&1 || {
+        if timeout 60 "$py" -c 'import jax' >/dev/null 2>&1; then out="jax-cuda"; else out="jax"; fi; }
+    timeout 60 "$py" -c 'import flax.linen' >/dev/null 2>&1 || out="$out flax"
+    timeout 120 "$py" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' \
+        >/dev/null 2>&1 || {
+        if timeout 60 "$py" -c 'import torch' >/dev/null 2>&1; then out="$out torch-cuda"; else out="$out torch"; fi; }
+    echo $out
+}
+
+index_reachable() {
+    timeout 15 "$PYTHON" -c 'import os, urllib.request
+url = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/") + "/pip/"
+urllib.request.urlopen(url, timeout=8)' >/dev/null 2>&1
+}
+
+# pip requirements for the missing pieces (CUDA 13 wheels when the driver supports them).
+requirements_for() {
+    local cuda major reqs=""
+    cuda="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\)\..*/\1/p' | head -n 1)"
+    major="cuda12"; [ "${cuda:-0}" -ge 13 ] && major="cuda13"
+    for item in "$@"; do
+        case "$item" in
+            jax|jax-cuda) reqs="$reqs jax[$major]" ;;
+            flax) reqs="$reqs flax" ;;
+            torch|torch-cuda) reqs="$reqs torch" ;;
+        esac
+    done
+    echo $reqs
+}
+
+if command -v nvidia-smi >/dev/null; then
+    log "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 1)"
+else
+    log "nvidia-smi not found: no NVIDIA GPU visible"
 fi
-log "device: $DEVICE (driver CUDA ${DRIVER_CUDA:-?}); torch requirement: $TORCH_SPEC"
 
-"$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), sys.version' \
-    || { echo "$PYTHON is older than 3.11; set PYTHON=python3.11 (or newer)" >&2; exit 1; }
-if [ ! -x "$GPU_VENV/bin/python" ]; then
-    log "creating $GPU_VENV"
-    "$PYTHON" -m venv "$GPU_VENV" \
-        || { "$PYTHON" -m pip install --quiet virtualenv && "$PYTHON" -m virtualenv "$GPU_VENV"; }
+TINY=0
+for arg in "$@"; do [ "$arg" = "--tiny" ] && TINY=1; done
+
+PY="$PYTHON"
+MISSING="$(missing_in "$PY")"
+if [ "$TINY" = 1 ]; then   # a CPU smoke test: no CUDA needed, nothing installed
+    MISSING="$(echo $MISSING | sed 's/jax-cuda//; s/torch-cuda//')"
+    MISSING="$(echo $MISSING)"
+    [ -z "$MISSING" ] || { log "--tiny: $PY lacks $MISSING"; exit 1; }
 fi
-PY="$GPU_VENV/bin/python"
-log "installing jax[cuda12]==0.10.2, flax, $TORCH_SPEC"
-"$PY" -m pip install --quiet --upgrade pip
-"$PY" -m pip install --quiet "jax[cuda12]==0.10.2" "jaxlib==0.10.2" "flax==0.12.8" optax chex \
-    numpy "$TORCH_SPEC"
+if [ -n "$MISSING" ] && [ -x "$GPU_VENV/bin/python" ]; then
+    log "$PY lacks: $MISSING; trying $GPU_VENV"
+    PY="$GPU_VENV/bin/python"
+    MISSING="$(missing_in "$PY")"
+fi
+if [ -n "$MISSING" ]; then
+    if index_reachable; then
+        REQS="$(requirements_for $MISSING)"
+        log "missing: $MISSING; installing $REQS into $GPU_VENV"
+        if [ ! -x "$GPU_VENV/bin/python" ]; then
+            "$PYTHON" -m venv --system-site-packages "$GPU_VENV" || log "cannot create $GPU_VENV"
+        fi
+        if [ -x "$GPU_VENV/bin/python" ]; then
+            PY="$GPU_VENV/bin/python"
+            # shellcheck disable=SC2086
+            "$PY" -m pip install --quiet $REQS || log "pip install failed"
+            MISSING="$(missing_in "$PY")"
+        fi
+    else
+        log "missing: $MISSING, and no package index answers: installing nothing"
+    fi
+fi
+case " $MISSING " in
+    *" jax "*|*" jax-cuda "*|*" flax "*)
+        log "cannot time without a CUDA-enabled JAX and Flax ($PY lacks: $MISSING)"
+        exit 1 ;;
+esac
+EXTRA=()
+if [ -n "$MISSING" ]; then
+    log "PyTorch unusable ($MISSING): its columns stay empty"
+    EXTRA=(--no-torch)
+fi
+log "using $PY: $("$PY" -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)' 2>&1 | tail -n 1)"
 
-export XLA_PYTHON_CLIENT_PREALLOCATE=false   # leave GPU memory to PyTorch as well
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c 'import jax; assert jax.default_backend() == "gpu", f"JAX sees no GPU: {jax.devices()}"
-print("jax", jax.__version__, jax.devices()[0].device_kind)' || exit 1
-TORCH_OK=1
-"$PY" -c 'import torch; assert torch.cuda.is_available(), "PyTorch sees no GPU"
-print("torch", torch.__version__, "CUDA", torch.version.cuda)' || TORCH_OK=0
-
-log "timing jaxnorm vs Flax (run.py --quick)"
-"$PY" "$REPO/benchmarks/run.py" --quick --no-memory --seconds 1.0 --json "$WORK/jax.json" \
-    > "$WORK/jax.log" 2>&1 || { tail -n 40 "$WORK/jax.log" >&2; exit 1; }
-
-LEFT=$(( BUDGET_S - SECONDS - 20 ))
-if [ "$LEFT" -lt 30 ]; then LEFT=30; fi
-[ "$TORCH_OK" = 1 ] || log "PyTorch cannot use the GPU: its columns stay empty"
-[ "$TORCH_OK" = 0 ] || log "timing PyTorch eager and torch.compile (at most ${LEFT}s)"
-[ "$TORCH_OK" = 0 ] || timeout "$LEFT" "$PY" - "$REPO" "$WORK/torch.json" <<'EOF' || log "PyTorch step stopped early ($?)"
-import importlib.util, json, sys, traceback
-repo, out = sys.argv[1], sys.argv[2]
-spec = importlib.util.spec_from_file_location("run", f"{repo}/benchmarks/run.py")
-run = importlib.util.module_from_spec(spec)
-sys.modules["run"] = run
-spec.loader.exec_module(run)
-records = []
-for layer, shape in run.QUICK_CASES:
-    for dtype in run.DTYPES:
-        try:
-            times = run.torch_times(layer, shape, dtype, 100)
-        except Exception:  # one failing case keeps the others
-            traceback.print_exc()
-            continue
-        for (name, pass_name), ms in times.items():
-            records.append({"layer": layer, "shape": list(shape), "dtype": dtype,
-                            "pass": pass_name, "name": name, "ms": ms})
-        with open(out, "w") as f:  # after every case: a timeout keeps what is done
-            json.dump(records, f)
-        print(layer, shape, dtype, {k: round(v, 3) for k, v in times.items()}, flush=True)
-EOF
-
-log "writing $RESULTS"
-"$PY" - "$WORK/jax.json" "$WORK/torch.json" "$RESULTS" "$DEVICE" <<'EOF'
-import datetime, json, os, sys
-jax_path, torch_path, results, device = sys.argv[1:5]
-jax_run = json.load(open(jax_path))
-torch_ms = {}
-if os.path.exists(torch_path):
-    for r in json.load(open(torch_path)):
-        torch_ms[(r["layer"], tuple(r["shape"]), r["dtype"], r["pass"], r["name"])] = r["ms"]
-env = jax_run["environment"]
-header = ["layer", "shape", "dtype", "pass", "jaxnorm ms", "Flax ms", "jaxnorm/Flax",
-          "torch eager ms", "torch.compile ms", "jaxnorm/torch.compile", "jaxnorm GB/s"]
-lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-for r in jax_run["records"]:
-    key = (r["layer"], tuple(r["shape"]), r["dtype"], r["pass"])
-    eager, compiled = (torch_ms.get((*key, n)) for n in ("torch_eager", "torch_compile"))
-    cells = [r["layer"], "×".join(map(str, r["shape"])), r["dtype"], r["pass"],
-             f"{r['jaxnorm_ms']:.3f}", f"{r['flax_ms']:.3f}", f"{r['ratio']:.3f}",
-             f"{eager:.3f}" if eager else "–", f"{compiled:.3f}" if compiled else "–",
-             f"{r['jaxnorm_ms'] / compiled:.3f}" if compiled else "–",
-             f"{r['jaxnorm_gbps']:.0f}"]
-    lines.append("| " + " | ".join(cells) + " |")
-summary = " · ".join(f"{k}: {v}" for k, v in jax_run["summary"].items())
-date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-section = [
-    f"## {date} — {device}", "",
-    f"jax {env['jax']}, flax {env['flax']}, {env['device']}; `bash benchmarks/gpu_timing.sh` "
-    "(run.py --quick: median ms; jaxnorm/Flax is the median of paired ratios; PyTorch: "
-    "channels-last NCHW modules, median of 100 calls).", "",
-    *lines, "", f"jaxnorm/Flax: {summary}", "",
-]
-new = not os.path.exists(results)
-with open(results, "a") as f:
-    if new:
-        f.write("# GPU timings\n\nAppended by `benchmarks/gpu_timing.sh`, one section per run.\n\n")
-    f.write("\n".join(section) + "\n")
-print("\n".join(section))
-EOF
-log "done in ${SECONDS}s"
+export BUDGET_S="${BUDGET_S:-$(( TOTAL_S - SECONDS - 5 ))}"
+log "running benchmarks/gpu_bench.py with a ${BUDGET_S}s budget"
+"$PY" "$REPO/benchmarks/gpu_bench.py" "${EXTRA[@]}" "$@"
+STATUS=$?
+log "done in ${SECONDS}s (exit $STATUS)"
+exit $STATUS

@@ -1,4 +1,14 @@
-"""jaxnorm against flax.linen: time, bandwidth and peak memory of normalization layers.
+"""jaxnorm against flax.linen on the CPU: time, bandwidth and peak memory of normalization layers.
+
+**CPU-only, host wall-clock timings.** Every time here is ``time.perf_counter`` around one
+call and its ``block_until_ready``, measured on the host. On a CPU that is the work itself;
+on a GPU it is mostly host dispatch (about 100 µs a call, longer than most of these
+kernels), so every ratio comes out near 1: GPU timings come from ``gpu_timing.sh``
+(``gpu_bench.py``: device time from a profiler trace), never from this script.
+
+The shapes come from the shared sweep (``sweep.py``: ResNet-50, Stable Diffusion, style
+transfer, LLM and ViT activations); ``--quick`` times its CPU subset, the sweep's cases
+with the batch or token axis scaled down to at most 4 Mi elements.
 
 Normalization is memory-bound, so its floor is the bytes it must move. For every layer ×
 shape × dtype, forward and forward+backward (gradients with respect to the input and the
@@ -17,8 +27,8 @@ minimal-bytes model:
 Usage::
 
     python benchmarks/run.py --quick --json          # CPU subset, writes benchmarks/results.json
-    python benchmarks/run.py                          # the full shapes (meant for a GPU)
-    python benchmarks/run.py --torch                  # also PyTorch eager / torch.compile
+    python benchmarks/run.py                          # the whole sweep, full size (slow on a CPU)
+    python benchmarks/run.py --torch                  # also PyTorch eager / torch.compile (CUDA)
 
 Both implementations use the same epsilon (Flax's defaults), so they compute the same
 function; jaxnorm uses its default stable variance, Flax its default fast one.
@@ -46,6 +56,9 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sweep  # noqa: E402  (benchmarks/sweep.py: the shared shape sweep)
+
 import jaxnorm
 
 Params = dict[str, jax.Array]
@@ -129,27 +142,17 @@ LAYERS: dict[str, Layer] = {
     )
 }
 
-FULL_CASES: tuple[tuple[str, tuple[int, ...]], ...] = (
-    ("LayerNorm", (8192, 1024)),
-    ("LayerNorm", (4096, 4096)),
-    ("RMSNorm", (8192, 1024)),
-    ("RMSNorm", (4096, 4096)),
-    ("BatchNorm", (32, 56, 56, 64)),
-    ("BatchNorm", (32, 28, 28, 128)),
-    ("BatchNorm", (32, 7, 7, 512)),
-    ("GroupNorm", (2, 64, 64, 320)),
-    ("GroupNorm", (2, 32, 32, 640)),
-    ("InstanceNorm", (8, 64, 64, 64)),
+# The whole sweep, as (layer, shape, parameter dtype).
+FULL_CASES: tuple[sweep.Case, ...] = sweep.SWEEP
+
+# The CPU subset: sweep cases scaled down to at most 4 Mi elements (``sweep.cpu_subset``).
+QUICK_CASES: tuple[tuple[str, tuple[int, ...]], ...] = tuple(
+    (case.layer, case.shape) for case in sweep.cpu_subset()
 )
 
-# The CPU subset: the FULL_CASES shapes that stream more than the last-level cache holds.
-QUICK_CASES: tuple[tuple[str, tuple[int, ...]], ...] = (
-    ("LayerNorm", (8192, 1024)),
-    ("RMSNorm", (8192, 1024)),
-    ("BatchNorm", (32, 56, 56, 64)),
-    ("BatchNorm", (32, 7, 7, 512)),
-    ("GroupNorm", (2, 64, 64, 320)),
-    ("InstanceNorm", (8, 64, 64, 64)),
+TIMING_NOTE = (
+    "CPU-only benchmark: host wall-clock (perf_counter around each call and its "
+    "block_until_ready); on a GPU this measures dispatch, use benchmarks/gpu_timing.sh"
 )
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -193,9 +196,10 @@ def forward_and_backward(apply: Apply, has_aux: bool) -> Callable[..., Any]:
 
 
 def make_inputs(
-    layer: Layer, shape: tuple[int, ...], dtype: Any, seed: int = 0
+    layer: Layer, shape: tuple[int, ...], dtype: Any, seed: int = 0, param_dtype: Any = None
 ) -> tuple[jax.Array, Params, jax.Array]:
-    """Input (mean 3, std 2: not centred, as real activations), parameters, cotangent."""
+    """Input (mean 3, std 2: not centred, as real activations), parameters (float32 unless
+    ``param_dtype``), cotangent."""
     keys = jax.random.split(jax.random.key(seed), 4)
     x = (3 + 2 * jax.random.normal(keys[0], shape, jnp.float32)).astype(dtype)
     channels = shape[-1]
@@ -203,7 +207,7 @@ def make_inputs(
         "scale": 1 + 0.1 * jax.random.normal(keys[1], (channels,), jnp.float32),
         "bias": 0.1 * jax.random.normal(keys[2], (channels,), jnp.float32),
     }
-    params = {name: params[name] for name in layer.param_names}
+    params = {name: params[name].astype(param_dtype or jnp.float32) for name in layer.param_names}
     dy = jax.random.normal(keys[3], shape, jnp.float32).astype(dtype)
     return x, params, dy
 
@@ -264,11 +268,12 @@ def benchmark_case(
     pass_name: str,
     budget_seconds: float,
     least_repeats: int,
+    param_dtype_name: str = "float32",
 ) -> dict[str, Any]:
-    """Times one case; returns its JSON record."""
+    """Times one case (host wall clock); returns its JSON record."""
     layer = LAYERS[layer_name]
     dtype = DTYPES[dtype_name]
-    x, params, dy = make_inputs(layer, shape, dtype)
+    x, params, dy = make_inputs(layer, shape, dtype, param_dtype=DTYPES[param_dtype_name])
     ours, theirs = compiled_pair(layer, pass_name, x, params, dy)
     probe = time_interleaved(ours, theirs, repeats=2, warmup=2)
     per_call = statistics.median(probe[0] + probe[1])
@@ -291,6 +296,7 @@ def benchmark_case(
         "jaxnorm_gbps": round(gigabytes / (ours_ms / 1e3), 2),
         "flax_gbps": round(gigabytes / (theirs_ms / 1e3), 2),
         "repeats": repeats,
+        **({"param_dtype": param_dtype_name} if param_dtype_name != "float32" else {}),
     }
 
 
@@ -467,6 +473,7 @@ def environment() -> dict[str, str]:
         "jax": jax.__version__,
         "flax": flax.__version__,
         "jaxnorm": jaxnorm.__version__,
+        "timing": TIMING_NOTE,
     }
 
 
@@ -552,7 +559,8 @@ def format_memory(records: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the CPU subset of shapes")
+    parser.add_argument("--quick", action="store_true",
+                        help="the CPU subset of the sweep (scaled-down sweep shapes)")
     parser.add_argument(
         "--json",
         nargs="?",
@@ -581,37 +589,42 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
 
-    cases = QUICK_CASES if args.quick else FULL_CASES
+    cases = sweep.cpu_subset() if args.quick else FULL_CASES
     if args.shapes:
         cases = tuple(
-            (item.split(":")[0], tuple(int(d) for d in item.split(":")[1].split("x")))
+            sweep.Case(item.split(":")[0], tuple(int(d) for d in item.split(":")[1].split("x")),
+                       "--shapes")
             for item in args.shapes.split(",")
         )
     if args.layers:
-        cases = tuple(c for c in cases if c[0] in args.layers)
+        cases = tuple(c for c in cases if c.layer in args.layers)
     seconds = args.seconds if args.seconds is not None else (1.5 if args.quick else 3.0)
     use_torch = args.torch and _cuda_available()
 
     env = environment()
     print(" · ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
+    if jax.default_backend() != "cpu":
+        print(f"WARNING: backend {jax.default_backend()}: {TIMING_NOTE}", flush=True)
     records = []
-    for layer_name, shape in cases:
-        for dtype_name in args.dtypes:
-            torch_ms = torch_times(layer_name, shape, dtype_name, 100) if use_torch else {}
-            for pass_name in ("forward", "forward+backward"):
-                record = benchmark_case(
-                    layer_name, shape, dtype_name, pass_name, seconds, args.min_repeats
-                )
-                for (name, torch_pass), ms in torch_ms.items():
-                    if torch_pass == pass_name:
-                        record[f"{name}_ms"] = round(ms, 4)
-                records.append(record)
-                print(
-                    f"{layer_name:12s} {shape!s:22s} {dtype_name:8s} {pass_name:16s} "
-                    f"ours {record['jaxnorm_ms']:9.3f} ms  flax {record['flax_ms']:9.3f} ms  "
-                    f"ratio {record['ratio']:.3f}",
-                    flush=True,
-                )
+    for case, dtype_name in sweep.with_dtypes(cases, args.dtypes):
+        layer_name, shape = case.layer, case.shape
+        param_dtype_name = case.param_dtype_for(dtype_name)
+        torch_ms = torch_times(layer_name, shape, dtype_name, 100) if use_torch else {}
+        for pass_name in ("forward", "forward+backward"):
+            record = benchmark_case(
+                layer_name, shape, dtype_name, pass_name, seconds, args.min_repeats,
+                param_dtype_name,
+            )
+            for (name, torch_pass), ms in torch_ms.items():
+                if torch_pass == pass_name:
+                    record[f"{name}_ms"] = round(ms, 4)
+            records.append(record)
+            print(
+                f"{case.label(dtype_name):44s} {pass_name:16s} "
+                f"ours {record['jaxnorm_ms']:9.3f} ms  flax {record['flax_ms']:9.3f} ms  "
+                f"ratio {record['ratio']:.3f}",
+                flush=True,
+            )
     summary = summarize(records)
     print()
     print(format_table(records))

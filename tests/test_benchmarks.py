@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -129,3 +130,112 @@ def test_weight_norm_comparison_times_both_wrappers_and_both_passes(run):
     ]
     assert all(r["jaxnorm_ms"] > 0 and r["flax_ms"] > 0 and r["ratio"] > 0 for r in records)
     assert "| WeightNorm(Dense 1024) | 256×1024 | forward |" in run.format_weight_norms(records)
+
+
+# --------------------------------------------------------------------------------------
+# The shared sweep (benchmarks/sweep.py) and the GPU benchmark (benchmarks/gpu_bench.py)
+
+BENCHMARKS = RUN_PATH.parent
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"benchmarks_{name}"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    return _load("sweep")
+
+
+@pytest.fixture(scope="module")
+def gpu_bench():
+    return _load("gpu_bench")
+
+
+def test_sweep_holds_the_real_model_shapes(sweep):
+    shapes = {(case.layer, case.shape) for case in sweep.SWEEP}
+    resnet = [(112, 64), (56, 64), (56, 256), (28, 128), (28, 512), (14, 256), (14, 1024),
+              (7, 512), (7, 2048)]
+    expected = {("BatchNorm", (64, s, s, c)) for s, c in resnet}
+    expected |= {("GroupNorm", (8, s, s, c)) for s, c in ((64, 320), (32, 640), (16, 1280),
+                                                          (8, 1280))}
+    expected |= {("InstanceNorm", (8, s, s, c)) for s, c in ((256, 32), (128, 64), (64, 128))}
+    expected |= {(layer, (8192, width)) for layer in ("LayerNorm", "RMSNorm")
+                 for width in (2048, 4096, 5120, 8192)}
+    expected |= {(layer, (50176, 768)) for layer in ("LayerNorm", "RMSNorm")}
+    assert expected <= shapes
+    three_d = [c for c in sweep.SWEEP if len(c.shape) == 3]
+    assert any(c.param_dtype == "input" for c in three_d)
+    assert any(c.param_dtype == "float32" for c in three_d)
+
+
+def test_sweep_pairs_every_case_with_both_dtypes_without_repeats(sweep):
+    pairs = list(sweep.with_dtypes(sweep.SWEEP))
+    keys = [(c.layer, c.shape, d, c.param_dtype_for(d)) for c, d in pairs]
+    assert len(keys) == len(set(keys))
+    assert {d for _, d in pairs} == {"float32", "bfloat16"}
+    assert ("LayerNorm", (8, 1024, 4096), "bfloat16", "bfloat16") in keys
+    assert sorted(map(str, sweep.interleaved(sweep.SWEEP))) == sorted(map(str, sweep.SWEEP))
+
+
+def test_cpu_quick_cases_are_sweep_cases_scaled_down(run, sweep):
+    assert run.QUICK_CASES == tuple((c.layer, c.shape) for c in sweep.cpu_subset())
+    sweep_cases = {(c.layer, c.shape[1:]): c.shape[0] for c in sweep.SWEEP}
+    for layer, shape in run.QUICK_CASES:
+        full_leading = sweep_cases[(layer, shape[1:])]
+        assert full_leading % shape[0] == 0
+        assert np.prod(shape) <= sweep.CPU_MAX_ELEMENTS
+    assert {layer for layer, _ in run.QUICK_CASES} == set(sweep.LAYERS)
+    as_keys = lambda cases: [(c.layer, c.shape, c.param_dtype) for c in cases]  # noqa: E731
+    assert as_keys(run.FULL_CASES) == as_keys(sweep.SWEEP)
+
+
+def test_run_says_its_timings_are_cpu_host_wall_clock(run):
+    assert "CPU-only" in run.__doc__ and "wall-clock" in run.__doc__
+    assert "CPU-only" in run.environment()["timing"]
+
+
+def test_gpu_kernels_are_attributed_to_the_jitted_function_that_ran_them(gpu_bench):
+    events = [
+        ("Stream #14(Compute)", "fusion_2", 1000.0, "jit_flax__fwd"),
+        ("Stream #14(Compute)", "fusion_2", 3000.0, "jit_flax__fwd"),
+        ("Stream #14(Compute)", "loop_reduce", 500.0, "jit_jaxnorm_module__fwdbwd"),
+        ("Stream #14(Compute)", "memcpy", 7.0, ""),
+    ]
+    names = ["flax__fwd", "jaxnorm_module__fwd", "jaxnorm_module__fwdbwd"]
+    grouped, unclaimed = gpu_bench.kernels_by_owner(events, names)
+    assert unclaimed == 7.0
+    assert [(k.name, k.count, k.nanoseconds) for k in grouped["flax__fwd"]] == [
+        ("fusion_2", 2, 4000.0)]
+    assert grouped["jaxnorm_module__fwd"] == []
+    assert [k.name for k in grouped["jaxnorm_module__fwdbwd"]] == ["loop_reduce"]
+    everything, none_left = gpu_bench.kernels_by_owner(events, ["flax__fwd"], "flax__fwd")
+    assert none_left == 0 and sum(k.count for k in everything["flax__fwd"]) == 4
+
+
+def test_gpu_bench_tiny_writes_the_records_and_the_report(tmp_path):
+    out = tmp_path / "tiny.json"
+    command = [sys.executable, str(BENCHMARKS / "gpu_bench.py"), "--tiny", "--max-cases", "1",
+               "--no-torch-compile", "--budget-s", "150", "--workers", "2", "--out", str(out)]
+    subprocess.run(command, check=True, timeout=240, capture_output=True)
+    document = json.loads(out.read_text())
+    records = document["records"]
+    assert {(r["pass"], r["api"]) for r in records} == {
+        (p, a) for p in ("forward", "forward+backward") for a in ("module", "functional")}
+    required = {"layer", "shape", "dtype", "pass", "api", "jaxnorm_us", "flax_us",
+                "torch_eager_us", "torch_compile_us", "floor_us", "kernels"}
+    for record in records:
+        assert required <= set(record)
+        assert record["jaxnorm_us"] > 0 and record["flax_us"] > 0 and record["floor_us"] > 0
+        assert record["ratio"] > 0 and record["errors"] == {}
+        assert record["timing"].startswith("wall")  # a CPU trace has no GPU plane
+    assert document["environment"]["copy"]["gbps"] > 0
+    assert document["errors"] == [] and document["skipped"] == []
+    if importlib.util.find_spec("torch") is not None:
+        assert all(r["torch_eager_us"] > 0 for r in records)
+    markdown = out.with_suffix(".md").read_text()
+    assert "jaxnorm/Flax geomean" in markdown and records[0]["layer"] in markdown
