@@ -10,7 +10,8 @@ both paths, checks the kernel's ``y``, ``dx``, ``dscale``, ``dbias`` against XLA
 times both: the device time of one call is taken as the wall time of ``--calls``
 pipelined calls ended by one ``block_until_ready``, divided by the calls (best of
 ``--repeats``). The pass floor is one read or write of an ``x``-sized array at the copy
-bandwidth measured in the same run (``y = x + 1``): 2 passes forward, 5 forward+backward
+bandwidth measured in the same run (``y = x + 1``, the faster of float32 and bfloat16):
+2 passes forward, 5 forward+backward
 (read ``x``, ``dy``, write ``dx``). Each case runs under its own ``try``; the JSON is
 rewritten after every case, and cases past ``--budget`` seconds are skipped.
 """
@@ -118,10 +119,11 @@ def _copy_bandwidth(rows: int, features: int, dtype: Any, calls: int, repeats: i
 
 
 def _add_floors(record: dict[str, Any], bandwidth: dict[str, float]) -> None:
-    """Adds the pass floors (µs) and each time's fraction of its floor."""
+    """Adds the pass floors (µs) and each time's fraction of its floor (floor / time);
+    one pass moves ``rows * features`` elements at the best copy bandwidth of ``bandwidth``
+    (bytes per second, read plus write)."""
     itemsize = jnp.dtype(DTYPES[record["dtype"]]).itemsize
-    pass_us = 1e6 * record["rows"] * record["features"] * itemsize / (
-        bandwidth[record["dtype"]] / 2)
+    pass_us = 1e6 * record["rows"] * record["features"] * itemsize / max(bandwidth.values())
     for stage, passes in (("fwd", 2), ("fwdbwd", 5)):
         record[f"floor_{stage}_us"] = passes * pass_us
         for implementation in ("xla", "pallas"):
