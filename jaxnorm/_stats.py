@@ -450,8 +450,10 @@ def _sharded_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None
                      shards: dict[int, int]) -> ShiftedMoments:
     """Sets that span explicitly sharded axes (:mod:`jaxnorm._sharding`): each such axis
     viewed as ``(shards, rest)`` (the only split defined on it), every shard's moments
-    (:func:`local_moments` over ``rest`` and the other axes), gathered (one all-gather of
-    ``4 x shards`` values per set) and merged (:func:`merge_members`)."""
+    over ``rest`` and the other axes (the shifted single pass with the shard's first
+    element as pivot, :func:`_first_element_shifted`; two passes under a mask), gathered
+    (one all-gather of ``4 x shards`` values per set) and merged exactly
+    (:func:`merge_members`)."""
     view, inner, members, spec = [], [], [], []
     x_spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
     for axis, size in enumerate(x.shape):
@@ -465,8 +467,12 @@ def _sharded_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None
                 inner.append(len(view))
             view.append(size)
             spec.append(None if axis in axes else x_spec[axis])
-    mask = None if mask is None else mask.reshape(view)
-    local = local_moments(x.reshape(view), tuple(inner), mask)
+    raw = x.reshape(view)
+    converted = raw.astype(statistics_dtype(raw.dtype))
+    if mask is None:  # no branch: a lax.cond's predicate would be one more collective
+        local = _first_element_shifted(converted, raw, tuple(inner))
+    else:
+        local = _two_pass(converted, tuple(inner), mask.reshape(view))
     gathered = jax.sharding.reshard(_stacked(local), PartitionSpec(None, *spec))
     merged = merge_members(*(gathered[i] for i in range(4)), member_axes=tuple(members))
     keepdims = _keepdims_shape(x.shape, axes)
