@@ -11,7 +11,7 @@ ghost batch norm (``BatchNorm(..., virtual_batch_size=k)``).
 
 Where they differ from Equinox (``docs/guides/equinox.md``): BatchNorm normalizes training
 batches with the batch statistics in both modes (default ``mode="batch"``), syncs with one
-count-weighted ``psum``, bias-corrects the running variance correctly, offers
+count-weighted collective, bias-corrects the running variance correctly, offers
 ``unbiased_running_var``, takes a static ``axis_name`` and a ``mask``.
 
 Needs ``pip install jaxnorm[equinox]``.

@@ -17,8 +17,11 @@ The state has ``equinox.nn.BatchNorm``'s layout, so checkpoints load across:
   normalizes with the running averages, which destabilizes training); the state moves
   exactly as Equinox's does.
 
-Training statistics come from :func:`jaxnorm.batch_norm` with ``axis_name``: one ``psum``
-of count-weighted sums shifted by the running mean, exact for unequal (masked) counts.
+Training statistics come from :func:`jaxnorm.batch_norm` with ``axis_name``: every
+member's own stable statistics merged exactly by counts in one collective, so unequal
+(masked) counts are weighted right. Ghost batches and a tuple of axis names (nested
+``vmap``) merge the members' :func:`jaxnorm.moments` the same way, one ``all_gather`` per
+name.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from jaxnorm.equinox._common import (
     resolve_inference,
     static_axis_name,
 )
-from jaxnorm.equinox._ghost import ghost_batch_norm
+from jaxnorm.equinox._ghost import axis_names, ghost_batch_norm, members_of
 
 Array = jax.Array
 _MODES = ("batch", "ema", "legacy")
@@ -202,17 +205,20 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self, x: Array, running: jaxnorm.RunningStatistics, state: eqx.nn.State,
         mask: Array | None,
     ) -> tuple[Array, jaxnorm.BatchMoments]:
-        """``(y, batch moments)``: the statistics over the mapped axis (or its ghost
-        batches), shifted by the running mean, in one ``psum``."""
-        pivot = lax.stop_gradient(running.mean)
-        if self.virtual_batch_size is not None:
+        """``(y, batch moments)``: the exact statistics over the mapped axis (or its
+        ghost batches), the members' own statistics merged in one collective."""
+        renorm = self._renorm(running, state)
+        nested = len(axis_names(self.axis_name)) > 1 and renorm is None
+        if self.virtual_batch_size is not None or nested:
+            if renorm is not None:
+                raise ValueError("BatchRenorm takes no virtual_batch_size")
+            size = self.virtual_batch_size or members_of(self.axis_name)
             return ghost_batch_norm(x, self.weight, self.bias, eps=self.eps,
-                                    axis_name=self.axis_name, size=self.virtual_batch_size,
-                                    pivot=pivot, mask=mask)
+                                    axis_name=self.axis_name, size=size, mask=mask)
         return jaxnorm.batch_norm(
             x, self.weight, self.bias, axis=0, eps=self.eps, mask=mask,
-            axis_name=self.axis_name, renorm=self._renorm(running, state),
-            allow_single_value=True, return_moments=True, pivot=pivot,
+            axis_name=self.axis_name, renorm=renorm,
+            allow_single_value=True, return_moments=True,
         )
 
     def _updated(self, state: eqx.nn.State, batch: jaxnorm.BatchMoments) -> eqx.nn.State:

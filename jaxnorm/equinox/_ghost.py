@@ -2,18 +2,23 @@ r"""Ghost batch statistics across the members of a ``vmap`` axis, in one collect
 
 ``lax.psum`` under ``vmap`` takes no ``axis_index_groups``, so the groups are formed by
 hand: member :math:`i` of the mapped axis belongs to ghost batch :math:`g = \lfloor i /
-k\rfloor` (:math:`k` = ``virtual_batch_size``). Each member sums, per channel and relative
-to a shared pivot :math:`p` (the running mean), :math:`(n_i,\ n_i(\mu_i - p),\
-n_i(\sigma_i^2 + (\mu_i-p)^2))` from its own :func:`jaxnorm.moments`, places them in row
-:math:`g` of a ``(G, 3, C)`` table, and one ``psum`` gives every member every group's
-sums: :math:`\mu_g = p + S_1/N`, :math:`\sigma^2_g = S_2/N - (S_1/N)^2` — exact
-count-weighted statistics of the group, accurate while :math:`|\mu_g - p|/\sigma_g` is
-moderate (as :func:`jaxnorm.batch_norm`'s ``pivot``).
+k\rfloor` (:math:`k` = ``virtual_batch_size``). Each member's own stable statistics
+:math:`(n_i, \mu_i, \sigma^2_i)` (:func:`jaxnorm.moments`) are gathered with one
+``all_gather`` per axis name and merged exactly per group, with no shared shift:
+
+.. math::
+    N_g = \sum_{i\in g} n_i,\quad \mu_g = \frac{1}{N_g}\sum_{i\in g} n_i\mu_i,\quad
+    \sigma^2_g = \frac{1}{N_g}\sum_{i\in g} n_i\big(\sigma^2_i + (\mu_i - \mu_g)^2\big).
+
+The same path (one group of every member) serves a tuple of axis names (nested ``vmap``):
+``lax.all_gather`` over several names at once fails under nested ``vmap`` (JAX: "axis size
+doesn't match"), so the names are gathered one at a time, innermost first.
 """
 
 from __future__ import annotations
 
 import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -24,45 +29,62 @@ from jaxnorm.equinox._common import AxisName
 Array = jax.Array
 
 
-def _local_sums(x: Array, pivot: Array, mask: Array | None) -> Array:
-    """``(3, C)``: a member's count, shifted sum and shifted sum of squares per channel."""
+def _member_moments(x: Array, mask: Array | None) -> Array:
+    """``(3, C)``: one member's count, mean and biased variance per channel."""
     spatial = tuple(range(1, x.ndim))
     mean, var = jaxnorm.moments(x, spatial, mask=mask)
     if mask is None:
         count = jnp.full(mean.shape, math.prod(x.shape[1:]), mean.dtype)
     else:
         count = jnp.sum(jnp.broadcast_to(mask, x.shape), axis=spatial, dtype=mean.dtype)
-    shift = mean - pivot.astype(mean.dtype)
-    return jnp.stack([count, count * shift, count * (var + shift * shift)])
+    return jnp.stack([count, mean, var])
 
 
-def _group_table(x: Array, pivot: Array, mask: Array | None, axis_name: AxisName,
-                 size: int) -> tuple[Array, Array]:
-    """``(table, g)``: every group's summed ``(3, C)`` rows (one ``psum``) and this
-    member's group."""
-    members = lax.axis_size(axis_name)
-    if size <= 0 or members % size:
-        raise ValueError(f"virtual_batch_size={size} must divide the {members} members of "
-                         f"axis_name={axis_name!r}")
-    group = lax.axis_index(axis_name) // size
-    local = _local_sums(x, pivot, mask)
-    rows = jax.nn.one_hot(group, members // size, dtype=local.dtype)
-    table = lax.psum(rows[:, None, None] * local, axis_name)
-    return table, group
+def _merged(gathered: Array) -> tuple[Array, Array, Array]:
+    """``(mean, var, count)`` of each group from its members' ``(G, k, 3, C)`` moments."""
+    count, mean, var = gathered[:, :, 0], gathered[:, :, 1], gathered[:, :, 2]
+    total = jnp.sum(count, axis=1)
+    safe = jnp.maximum(total, 1)
+    group_mean = jnp.sum(count * mean, axis=1) / safe
+    spread = var + jnp.square(mean - group_mean[:, None])
+    return group_mean, jnp.sum(count * spread, axis=1) / safe, total
 
 
-def _statistics(sums: Array, pivot: Array) -> tuple[Array, Array, Array]:
-    """``(mean, var, count)`` from summed ``(..., 3, C)`` rows."""
-    count = sums[..., 0, :]
-    safe = jnp.maximum(count, 1)
-    offset = sums[..., 1, :] / safe
-    var = jnp.maximum(sums[..., 2, :] / safe - offset * offset, 0)
-    return pivot.astype(offset.dtype) + offset, var, count
+def axis_names(axis_name: AxisName) -> tuple:
+    """``axis_name`` as a tuple of names."""
+    return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+
+def members_of(axis_name: AxisName) -> int:
+    """The number of members of the (possibly nested) mapped axes."""
+    return math.prod(lax.axis_size(name) for name in axis_names(axis_name))
+
+
+def _all_gathered(value: Array, axis_name: AxisName) -> Array:
+    """Every member's ``value`` stacked on a new axis 0 in ``lax.axis_index`` order."""
+    names = axis_names(axis_name)
+    for name in reversed(names):
+        value = lax.all_gather(value, name)
+    return value.reshape((-1,) + value.shape[len(names):])
+
+
+def _group_moments(x: Array, mask: Array | None, axis_name: AxisName,
+                   size: int) -> tuple[Array, Array, Array, Array]:
+    """``(means, variances, counts, g)``: every group's ``(G, C)`` statistics and this
+    member's group ``g``."""
+    members = members_of(axis_name)
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or members % size:
+        raise ValueError(f"virtual_batch_size={size!r} must be a positive int dividing the "
+                         f"{members} members of axis_name={axis_name!r}")
+    gathered = _all_gathered(_member_moments(x, mask), axis_name)
+    means, variances, counts = _merged(gathered.reshape((members // size, size)
+                                                        + gathered.shape[1:]))
+    return means, variances, counts, lax.axis_index(axis_names(axis_name)) // size
 
 
 def ghost_batch_norm(
     x: Array, weight: Array | None, bias: Array | None, *, eps: float, axis_name: AxisName,
-    size: int, pivot: Array, mask: Array | None = None,
+    size: int, mask: Array | None = None,
 ) -> tuple[Array, jaxnorm.BatchMoments]:
     r"""Batch norm of one member with the statistics of its ghost batch.
 
@@ -78,14 +100,12 @@ def ghost_batch_norm(
       eps: :math:`\epsilon`.
       axis_name: the ``vmap`` axis (or axes) whose members form the batch.
       size: :math:`k`, members per ghost batch; it must divide the axis size.
-      pivot: the shared shift :math:`p`, shape ``(C,)``.
       mask: boolean, broadcastable to ``x``; ``False`` elements do not count.
 
     Returns:
       ``(y, moments)``.
     """
-    table, group = _group_table(x, lax.stop_gradient(pivot), mask, axis_name, size)
-    means, variances, counts = _statistics(table, lax.stop_gradient(pivot))
+    means, variances, counts, group = _group_moments(x, mask, axis_name, size)
     y = jaxnorm.batch_norm_inference(x, means[group], variances[group], weight, bias,
                                      axis=0, eps=eps)
     total = jnp.sum(counts, axis=0)
@@ -94,4 +114,3 @@ def ghost_batch_norm(
         jnp.sum(counts * means, axis=0) / safe, jnp.sum(counts * variances, axis=0) / safe,
         total, jnp.sum(counts > 0, axis=0, dtype=total.dtype))
     return y, moments
-
