@@ -3,6 +3,7 @@
 Normalization is memory-bound, so the compiled graph decides its speed: how many kernels
 it launches and how many bytes they move. This script compiles, ahead of time and on a
 CPU-only machine, every case of ``benchmarks/run.py --quick`` (layer × shape × dtype,
+or with ``--sweep`` every case of the shared sweep ``sweep.py`` at full size,
 forward and forward+backward with respect to the input and the parameters) for an NVIDIA
 H200 and for TPU v5e / v6e, for ``jaxnorm.linen.<Layer>`` and ``flax.linen.<Layer>`` built
 with the same arguments, and reports from the optimized HLO:
@@ -22,23 +23,34 @@ with the same arguments, and reports from the optimized HLO:
 - ``ideal``: one read of every input (x, variables, dy) and one write of every output
   (y, updated batch statistics, dx, dparams), at their logical sizes.
 
+- GPU structural checks: ``x_sized_writes``, the instructions that write an array with at
+  least as many elements as the input that the graph does not return (an extra pass of
+  memory traffic besides the outputs y and dx; Flax's listed beside), and whether jaxnorm
+  launches more kernels than Flax without moving fewer bytes.
+
 Ratios are jaxnorm/Flax (below 1: jaxnorm is better) and jaxnorm/ideal, with the geometric
 mean and the worst case per target. It also counts the collectives of a data-parallel
 training step: 8 × (conv -> BatchNorm(axis_name="d") -> relu) under ``shard_map`` over a
 TPU v5e 2×2 slice, the gradients ``pmean``-ed, for each BatchNorm class.
 
-Each target family runs in its own virtual environment (never the test environment)::
+Each target family runs in its own virtual environment (never the test environment), by
+default ``venvs/aot-gpu`` and ``venvs/aot-tpu`` beside the repository (``--gpu-python``,
+``--tpu-python`` or ``$AOT_GPU_PYTHON``, ``$AOT_TPU_PYTHON`` point elsewhere)::
 
-    python3.11 -m venv /work/venvs/aot-gpu
-    /work/venvs/aot-gpu/bin/pip install -r benchmarks/requirements-aot-gpu.txt
-    python3.11 -m venv /work/venvs/aot-tpu
-    /work/venvs/aot-tpu/bin/pip install -r benchmarks/requirements-aot-tpu.txt
+    python3.11 -m venv ../venvs/aot-gpu
+    ../venvs/aot-gpu/bin/pip install -r benchmarks/requirements-aot-gpu.txt
+    python3.11 -m venv ../venvs/aot-tpu
+    ../venvs/aot-tpu/bin/pip install -r benchmarks/requirements-aot-tpu.txt
+
+The H200 target description is ``shared/targets/h200.txtpb`` beside the repository
+(``--h200-config``).
 
 Usage (any Python 3.11 runs the driver; it starts one worker per venv, compiling serially)::
 
     python benchmarks/accelerators.py --json benchmarks/accelerators.json
     python benchmarks/accelerators.py --target h200 --case "LayerNorm 8192x1024 bfloat16"
-    python benchmarks/accelerators.py --source /work/arch --dump /tmp/hlo
+    python benchmarks/accelerators.py --target h200 --sweep --markdown sweep.md
+    python benchmarks/accelerators.py --source ../other-checkout --dump hlo-dump/
 
 The workers run with ``JAX_PLATFORMS=cpu`` (the CUDA plugin then skips its driver check
 but still registers its topology) and ``TPU_SKIP_MDS_QUERY=1``.
@@ -68,7 +80,11 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 H200_TARGET_CONFIG = REPO.parent / "shared" / "targets" / "h200.txtpb"
-DEFAULT_PYTHON = {"gpu": "/work/venvs/aot-gpu/bin/python", "tpu": "/work/venvs/aot-tpu/bin/python"}
+VENVS = REPO.parent / "venvs"
+DEFAULT_PYTHON = {
+    "gpu": os.environ.get("AOT_GPU_PYTHON", str(VENVS / "aot-gpu" / "bin" / "python")),
+    "tpu": os.environ.get("AOT_TPU_PYTHON", str(VENVS / "aot-tpu" / "bin" / "python")),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +268,85 @@ def _computation_cost(computations: dict[str, list[Instruction]], name: str) -> 
     return cost
 
 
+def called_computations(instruction: Instruction) -> list[str]:
+    """Names of the computations a conditional, while or call instruction runs."""
+    called = re.findall(
+        r"(?:branch_computations=\{|true_computation=|false_computation=|body=|to_apply=)"
+        r"([^,}]*(?:, %[\w.\-]+)*)",
+        instruction.attributes,
+    )
+    return [n for group in called for n in re.findall(r"%?([\w.\-]+)", group)]
+
+
+def _root_outputs(instructions: list[Instruction]) -> set[tuple[str, int | None]]:
+    """``(instruction, tuple index or None)`` pairs whose arrays the computation returns,
+    followed back through tuples, get-tuple-elements and bitcasts."""
+    by_name = {i.name: i for i in instructions}
+    outputs: set[tuple[str, int | None]] = set()
+    pending = [(i.name, None) for i in instructions if i.root]
+    while pending:
+        name, index = pending.pop()
+        instruction = by_name.get(name)
+        if instruction is None:
+            continue
+        if instruction.opcode == "tuple":
+            operands = instruction.operands if index is None else instruction.operands[index:index + 1]
+            pending += [(o, None) for o in operands]
+        elif instruction.opcode == "get-tuple-element":
+            element = re.search(r"index=(\d+)", instruction.attributes)
+            pending.append((instruction.operands[0], int(element.group(1)) if element else None))
+        elif instruction.opcode == "bitcast":
+            pending.append((instruction.operands[0], index))
+        else:
+            outputs.add((name, index))
+    return outputs
+
+
+def _result_arrays(shape: str) -> list[str]:
+    """The arrays of an HLO result shape, in tuple order (one for a plain array)."""
+    return re.findall(r"\w+\[[\d,]*\]", shape)
+
+
+def x_sized_intermediates(hlo_text: str, x_elements: int) -> list[dict[str, Any]]:
+    """Work instructions that write an array of at least ``x_elements`` elements that the
+    computation does not return: intermediates the size of the input, each a full extra
+    pass of memory traffic (the outputs y and dx are the passes every graph must write).
+    Computations that control flow calls are checked the same way, each against its own
+    result."""
+    computations, entry = parse_computations(hlo_text)
+    found: list[dict[str, Any]] = []
+    _check_intermediates(computations, entry, x_elements, found, set())
+    return found
+
+
+def _check_intermediates(computations: dict[str, list[Instruction]], name: str,
+                         x_elements: int, found: list[dict[str, Any]], seen: set[str]) -> None:
+    if name in seen or name not in computations:
+        return
+    seen.add(name)
+    instructions = computations[name]
+    outputs = _root_outputs(instructions)
+    for instruction in instructions:
+        if _does_no_work(instruction) or instruction.opcode in ("tuple", "bitcast"):
+            continue
+        if instruction.opcode in CONTROL_FLOW:
+            for called in called_computations(instruction):
+                _check_intermediates(computations, called, x_elements, found, seen)
+        arrays = _result_arrays(instruction.shape)
+        tupled = instruction.shape.startswith("(")
+        for index, array in enumerate(arrays):
+            dims = [int(d) for d in re.findall(r"\d+", array.split("[", 1)[1])]
+            if math.prod(dims) < x_elements:
+                continue
+            if (instruction.name, index if tupled else None) in outputs or (
+                    instruction.name, None) in outputs:
+                continue
+            element = f"{{{index}}}" if tupled else ""
+            found.append({"computation": name, "instruction": instruction.name + element,
+                          "opcode": instruction.opcode, "array": array,
+                          "bytes": array_bytes(array)})
+
+
 def _does_no_work(instruction: Instruction) -> bool:
     """Bookkeeping: parameters, tuples, bitcasts, the ``-done`` halves of asynchronous
     pairs (the ``-start`` counts), TPU's in-place ``ConcatBitcast``."""
@@ -292,12 +387,7 @@ def _add_control_flow(
 ) -> None:
     """Adds the cost of what a conditional, while or call instruction runs."""
     cost.opcodes[instruction.opcode] += 1
-    called = re.findall(
-        r"(?:branch_computations=\{|true_computation=|false_computation=|body=|to_apply=)"
-        r"([^,}]*(?:, %[\w.\-]+)*)",
-        instruction.attributes,
-    )
-    names = [n for group in called for n in re.findall(r"%?([\w.\-]+)", group)]
+    names = called_computations(instruction)
     parts = [_computation_cost(computations, n) for n in names if n in computations]
     if not parts:
         return
@@ -349,16 +439,20 @@ def launched_kernels(thunk_text: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One layer × shape × dtype × pass of ``run.py --quick``."""
+    """One layer × shape × dtype × pass (× parameter dtype) of ``run.py --quick`` or of
+    the whole sweep (``sweep.py``)."""
 
     layer: str
     shape: tuple[int, ...]
     dtype: str
     pass_name: str
+    param_dtype: str = "float32"
 
     @property
     def label(self) -> str:
-        return f"{self.layer} {'x'.join(map(str, self.shape))} {self.dtype} {self.pass_name}"
+        params = f" ({self.param_dtype} params)" if self.param_dtype != "float32" else ""
+        return (f"{self.layer} {'x'.join(map(str, self.shape))} {self.dtype}{params} "
+                f"{self.pass_name}")
 
 
 def import_source(source: Path) -> Any:
@@ -377,12 +471,18 @@ def import_source(source: Path) -> Any:
     return run
 
 
-def quick_cases(run: Any, substring: str | None) -> list[Case]:
-    """The ``--quick`` cases of run.py, forward and forward+backward, filtered by label."""
+def quick_cases(run: Any, substring: str | None, whole_sweep: bool = False) -> list[Case]:
+    """The ``--quick`` cases of run.py (or, with ``whole_sweep``, every case of the sweep at
+    full size), forward and forward+backward, filtered by label."""
+    if whole_sweep:
+        pairs = [(c.layer, c.shape, d, c.param_dtype_for(d))
+                 for c, d in run.sweep.with_dtypes(run.sweep.SWEEP)]
+    else:
+        pairs = [(layer, shape, d, "float32") for layer, shape in run.QUICK_CASES
+                 for d in run.DTYPES]
     cases = [
-        Case(layer, tuple(shape), dtype, pass_name)
-        for layer, shape in run.QUICK_CASES
-        for dtype in run.DTYPES
+        Case(layer, tuple(shape), dtype, pass_name, param_dtype)
+        for layer, shape, dtype, param_dtype in pairs
         for pass_name in ("forward", "forward+backward")
     ]
     return [c for c in cases if substring is None or substring in c.label]
@@ -494,7 +594,8 @@ def compile_case(run: Any, where: Compilation, case: Case, impl: str, index: int
     from jax.sharding import NamedSharding, PartitionSpec
 
     dtype = run.DTYPES[case.dtype]
-    flax_module = run.LAYERS[case.layer].flax_module(dtype)
+    flax_module = run.LAYERS[case.layer].flax_module(dtype).clone(
+        param_dtype=run.DTYPES[case.param_dtype])
     module = flax_module if impl == "flax" else jaxnorm_twin(flax_module)
     x = jax.ShapeDtypeStruct(case.shape, dtype)
     variables = jax.eval_shape(module.init, jax.random.key(0), x)
@@ -511,7 +612,8 @@ def compile_case(run: Any, where: Compilation, case: Case, impl: str, index: int
     cost = graph_cost(hlo)
     record = {
         "target": where.target.name, "case": case.label, "layer": case.layer,
-        "shape": list(case.shape), "dtype": case.dtype, "pass": case.pass_name, "impl": impl,
+        "shape": list(case.shape), "dtype": case.dtype, "param_dtype": case.param_dtype,
+        "pass": case.pass_name, "impl": impl,
         "kernels": cost.kernels, "opcodes": dict(sorted(cost.opcodes.items())),
         "cond_kernels": cost.conditional_kernels, "cond_bytes": cost.conditional_bytes,
         "ideal_bytes": logical_bytes(logical) + logical_bytes(jax.eval_shape(function, *logical)),
@@ -520,6 +622,7 @@ def compile_case(run: Any, where: Compilation, case: Case, impl: str, index: int
     thunks = None
     if where.target.family == "gpu":
         record["bytes"] = gpu_bytes_accessed(compiled)
+        record["x_sized_writes"] = x_sized_intermediates(hlo, math.prod(case.shape))
         thunks = thunk_file(where.xla_dump, name) if where.xla_dump else None
         record["launched"] = launched_kernels(thunks.read_text()) if thunks else None
     else:
@@ -630,7 +733,7 @@ def worker(args: argparse.Namespace) -> None:
     keep = Path(args.dump) if args.dump else None
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
-    cases = quick_cases(run, args.case)
+    cases = quick_cases(run, args.case, args.sweep)
     for target_name in args.worker_targets:
         target = TARGETS[target_name]
         where = Compilation(target, target_mesh(target, Path(args.h200_config)), xla_dump, keep)
@@ -685,6 +788,7 @@ def run_worker(family: str, targets: list[str], args: argparse.Namespace,
                    "--source", str(args.source), "--h200-config", str(args.h200_config),
                    "--xla-dump", str(dump) if family == "gpu" else ""]
         command += ["--case", args.case] if args.case else []
+        command += ["--sweep"] if args.sweep else []
         command += ["--dump", str(args.dump)] if args.dump else []
         command += ["--collectives"] if collectives else []
         log = Path(scratch) / "stderr.txt"
@@ -707,10 +811,13 @@ def pair_records(records: Iterable[dict]) -> list[dict]:
         family = family_of(target)
         row = {key: ours[key] for key in ("target", "case", "layer", "shape", "dtype", "pass",
                                           "ideal_bytes")}
+        row["param_dtype"] = ours.get("param_dtype", "float32")
         for measure in MEASURES[family]:
             row[f"jaxnorm_{measure}"], row[f"flax_{measure}"] = ours[measure], theirs[measure]
             if ours[measure] and theirs[measure]:
                 row[f"ratio_{measure}"] = round(ours[measure] / theirs[measure], 4)
+        if "x_sized_writes" in ours and "x_sized_writes" in theirs:
+            row.update(structure(ours, theirs))
         for measure, part in COMMON_PATH[family]:
             common = [r[measure] - r.get(part, 0) for r in (ours, theirs)]
             if all(common):
@@ -724,6 +831,47 @@ def pair_records(records: Iterable[dict]) -> list[dict]:
                     row[f"{impl}_{key}"] = record[key]
         rows.append(row)
     return rows
+
+
+def structure(ours: dict, theirs: dict) -> dict[str, Any]:
+    """The structural checks of one case: the x-sized intermediates each library writes,
+    and whether jaxnorm writes more of them than Flax, or launches more kernels than Flax
+    without moving fewer bytes (a kernel more must pay for itself in bytes)."""
+    names = {impl: [f"{w['instruction']} {w['array']}" for w in record["x_sized_writes"]]
+             for impl, record in (("jaxnorm", ours), ("flax", theirs))}
+    return {
+        "jaxnorm_x_sized": names["jaxnorm"], "flax_x_sized": names["flax"],
+        "extra_x_sized": len(names["jaxnorm"]) - len(names["flax"]),
+        "unpaid_kernels": ours["kernels"] > theirs["kernels"] and ours["bytes"] >= theirs["bytes"],
+    }
+
+
+def structure_table(rows: Sequence[dict]) -> str:
+    """Per case: the x-sized intermediates of each library and the kernel counts, with the
+    cases that fail a check first."""
+    def failing(row: dict) -> bool:
+        return row["extra_x_sized"] > 0 or row["unpaid_kernels"]
+
+    ordered = sorted(rows, key=lambda r: not failing(r))
+    header = ["case", "x-sized intermediates jaxnorm", "Flax", "kernels j/F", "MiB j/F",
+              "check"]
+    return markdown_table(header, (
+        [short_case(r), "<br>".join(r["jaxnorm_x_sized"]) or "none",
+         "<br>".join(r["flax_x_sized"]) or "none", f"{r['jaxnorm_kernels']}/{r['flax_kernels']}",
+         f"{r['jaxnorm_bytes'] / MIB:.1f}/{r['flax_bytes'] / MIB:.1f}",
+         ", ".join(filter(None, [
+             f"{r['extra_x_sized']} more x-sized than Flax" if r["extra_x_sized"] > 0 else "",
+             "kernel(s) more, bytes not fewer" if r["unpaid_kernels"] else ""])) or "ok"]
+        for r in ordered
+    ))
+
+
+def structure_summary(rows: Sequence[dict]) -> str:
+    """One sentence: how many cases fail each structural check."""
+    extra = sum(r["extra_x_sized"] > 0 for r in rows)
+    unpaid = sum(r["unpaid_kernels"] for r in rows)
+    return (f"{len(rows)} cases: {extra} write more x-sized intermediates than Flax, "
+            f"{unpaid} launch more kernels than Flax without moving fewer bytes.")
 
 
 def geometric_mean(values: Sequence[float]) -> float:
@@ -836,6 +984,10 @@ def report(result: dict) -> str:
         rows = [r for r in result["rows"] if r["target"] == target]
         table = gpu_table(rows) if family_of(target) == "gpu" else tpu_table(rows)
         parts.append(f"{TARGETS[target].description}\n\n{table}")
+        checked = [r for r in rows if "extra_x_sized" in r]
+        if checked:
+            parts.append(f"Structural checks, {TARGETS[target].description}: "
+                         f"{structure_summary(checked)}\n\n{structure_table(checked)}")
     if result["collectives"]:
         parts.append("Data-parallel step, 8 × (conv -> BatchNorm(axis_name='d') -> relu), "
                      f"grads pmean-ed\n\n{collectives_table(result['collectives'])}")
@@ -860,6 +1012,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--case", default=None, metavar="SUBSTRING",
                         help='only cases whose label contains it, e.g. "LayerNorm 8192x1024 '
                              'bfloat16 forward+backward"')
+    parser.add_argument("--sweep", action="store_true",
+                        help="every case of the shared sweep (sweep.py) at full size, instead "
+                             "of run.py's --quick subset")
     parser.add_argument("--source", type=Path, default=REPO,
                         help="the jaxnorm checkout to measure (default: this repository)")
     parser.add_argument("--revision", default=None,

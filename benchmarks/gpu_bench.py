@@ -65,6 +65,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(REPO))  # jaxnorm from this checkout, installed or not
 import sweep  # noqa: E402
 
 DEFAULT_OUT_DIR = HERE / "gpu"
@@ -101,7 +102,6 @@ class Settings:
     tiny: bool = False
     only: str | None = None
     max_cases: int | None = None
-    torch: bool = True
     torch_compile: bool = True
     workers: int = 8
 

@@ -239,3 +239,30 @@ def test_gpu_bench_tiny_writes_the_records_and_the_report(tmp_path):
         assert all(r["torch_eager_us"] > 0 for r in records)
     markdown = out.with_suffix(".md").read_text()
     assert "jaxnorm/Flax geomean" in markdown and records[0]["layer"] in markdown
+
+
+SYNTHETIC_HLO = """HloModule jit_case, is_scheduled=true
+
+%fused_sub (p0: f32[4,8]) -> f32[4,8] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  ROOT %n = f32[4,8]{1,0} negate(f32[4,8]{1,0} %p0)
+}
+
+ENTRY %main.9 (x: f32[4,8]) -> (f32[32], f32[8]) {
+  %x = f32[4,8]{1,0} parameter(0)
+  %sub = f32[4,8]{1,0} fusion(f32[4,8]{1,0} %x), kind=kLoop, calls=%fused_sub
+  %red = f32[8]{0} fusion(f32[4,8]{1,0} %sub), kind=kInput, calls=%fused_sub
+  %multi = (f32[4,8]{1,0}, f32[4,8]{1,0}) fusion(f32[4,8]{1,0} %x, f32[8]{0} %red), kind=kLoop, calls=%fused_sub
+  %gte = f32[4,8]{1,0} get-tuple-element((f32[4,8]{1,0}, f32[4,8]{1,0}) %multi), index=0
+  %bc = f32[32]{0} bitcast(f32[4,8]{1,0} %gte)
+  ROOT %out = (f32[32]{0}, f32[8]{0}) tuple(f32[32]{0} %bc, f32[8]{0} %red)
+}
+"""
+
+
+def test_structural_check_finds_the_x_sized_writes_the_graph_does_not_return():
+    accelerators = _load("accelerators")
+    found = accelerators.x_sized_intermediates(SYNTHETIC_HLO, 32)
+    assert [(w["instruction"], w["array"], w["bytes"]) for w in found] == [
+        ("sub", "f32[4,8]", 128), ("multi{1}", "f32[4,8]", 128)]
+    assert accelerators.x_sized_intermediates(SYNTHETIC_HLO, 33) == []
