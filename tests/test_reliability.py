@@ -249,7 +249,11 @@ def test_nan_at_masked_positions_does_not_reach_the_output(api, name, features, 
         y, expected = _nnx_output(ours, x, mask=mask), _nnx_output(theirs, x, mask=mask)
         ours_vars, theirs_vars = nnx.state(ours, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat)
     assert np.isfinite(np.asarray(expected)[mask]).all()
-    np.testing.assert_allclose(np.asarray(y)[mask], np.asarray(expected)[mask], atol=2e-5)
+    # Outputs of size <= 3 from float32 sums in different orders (XLA:GPU reduces in trees):
+    # 2e-5 (~2^-17 relative); the fast variance E[x^2] - E[x]^2 (mean 1, std 1) doubles the
+    # round-off of the variance, so its cases get twice that
+    atol = 4e-5 if kwargs.get("use_fast_variance") else 2e-5
+    np.testing.assert_allclose(np.asarray(y)[mask], np.asarray(expected)[mask], atol=atol)
     for ours_leaf, theirs_leaf in zip(
         jax.tree.leaves(ours_vars), jax.tree.leaves(theirs_vars), strict=True
     ):

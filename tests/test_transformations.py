@@ -73,6 +73,7 @@ def test_hessian_of_layer_norm_is_symmetric_and_matches_jacfwd_of_jacrev(float64
     np.testing.assert_allclose(hessian, jax.jacrev(jax.jacrev(f))(x), atol=1e-12)
 
 
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices; see conftest.py")
 @pytest.mark.parametrize("variant", ["batch_norm", "layer_norm", "group_norm"])
 def test_replicated_parameter_gradients_under_shard_map_sum_the_devices(variant):
     mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
