@@ -12,8 +12,10 @@ pipelined calls ended by one ``block_until_ready``, divided by the calls (best o
 ``--repeats``). The pass floor is one read or write of an ``x``-sized array at the copy
 bandwidth measured in the same run (``y = x + 1``, the faster of float32 and bfloat16):
 2 passes forward, 5 forward+backward
-(read ``x``, ``dy``, write ``dx``). Each case runs under its own ``try``; the JSON is
-rewritten after every case, and cases past ``--budget`` seconds are skipped.
+(read ``x``, ``dy``, write ``dx``) for LayerNorm/RMSNorm; 3 and 8 for GroupNorm and
+InstanceNorm (statistics, normalize; sums, ``dx``). Each case runs under its own
+``try``; the JSON is rewritten after every case, and cases past ``--budget`` seconds are
+skipped.
 """
 
 from __future__ import annotations
@@ -35,16 +37,28 @@ import numpy as np
 
 import jaxnorm
 
-SWEEP = [(8192, 2048), (8192, 4096), (8192, 5120), (8192, 8192), (50176, 768)]
-TINY = [(16, 7), (9, 130)]
-KINDS = {"layer_norm": jaxnorm.layer_norm, "rms_norm": jaxnorm.rms_norm}
+ROWS = [(8192, 2048), (8192, 4096), (8192, 5120), (8192, 8192), (50176, 768)]
+SWEEP = ([(kind, shape, 1) for shape in ROWS for kind in ("layer_norm", "rms_norm")]
+         + [("group_norm", (16, 64, 64, 256), 32), ("instance_norm", (16, 64, 64, 128), 128),
+            ("group_norm", (8, 32, 32, 512), 32), ("instance_norm", (8, 112, 112, 64), 64)])
+TINY = [("layer_norm", (16, 7), 1), ("rms_norm", (9, 130), 1),
+        ("group_norm", (2, 5, 3, 6), 2), ("instance_norm", (2, 3, 4, 5), 5)]
+PASSES = {"layer_norm": (2, 5), "rms_norm": (2, 5), "group_norm": (3, 8),
+          "instance_norm": (3, 8)}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
 
 
-def _functions(kind: str, implementation: str) -> tuple[Callable, Callable]:
+def _norm(kind: str, groups: int) -> Callable:
+    """The function of ``kind`` as ``norm(x, scale, bias, **options)``."""
+    if kind == "group_norm":
+        return lambda *a, **o: jaxnorm.group_norm(*a, num_groups=groups, **o)
+    return getattr(jaxnorm, kind)
+
+
+def _functions(kind: str, groups: int, implementation: str) -> tuple[Callable, Callable]:
     """``(forward, forward_backward)``, jitted: ``y``, and ``(y, dx, dscale, dbias)``."""
-    norm = KINDS[kind]
+    norm = _norm(kind, groups)
 
     def forward(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
         return norm(x, scale, bias, eps=1e-5, implementation=implementation)
@@ -57,13 +71,14 @@ def _functions(kind: str, implementation: str) -> tuple[Callable, Callable]:
     return jax.jit(forward), jax.jit(forward_backward)
 
 
-def _inputs(rows: int, features: int, dtype: Any) -> tuple[jax.Array, ...]:
+def _inputs(shape: tuple[int, ...], dtype: Any) -> tuple[jax.Array, ...]:
     """Random ``(x, scale, bias, dy)``; ``x`` off-centre so centring matters."""
     keys = jax.random.split(jax.random.key(0), 4)
-    x = (jax.random.normal(keys[0], (rows, features), jnp.float32) * 2 + 3).astype(dtype)
+    features = shape[-1]
+    x = (jax.random.normal(keys[0], shape, jnp.float32) * 2 + 3).astype(dtype)
     scale = (1 + 0.1 * jax.random.normal(keys[1], (features,))).astype(dtype)
     bias = (0.1 * jax.random.normal(keys[2], (features,))).astype(dtype)
-    dy = jax.random.normal(keys[3], (rows, features), jnp.float32).astype(dtype)
+    dy = jax.random.normal(keys[3], shape, jnp.float32).astype(dtype)
     return x, scale, bias, dy
 
 
@@ -89,15 +104,14 @@ def _relative_error(ours: jax.Array, theirs: jax.Array) -> float:
     return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b)))))
 
 
-def _check_case(kind: str, rows: int, features: int, dtype_name: str,
+def _check_case(kind: str, shape: tuple[int, ...], groups: int, dtype_name: str,
                 calls: int, repeats: int) -> dict[str, Any]:
     """Compiles, checks and times one case; returns its record."""
-    args = _inputs(rows, features, DTYPES[dtype_name])
-    record: dict[str, Any] = {"kind": kind, "rows": rows, "features": features,
-                              "dtype": dtype_name}
+    args = _inputs(shape, DTYPES[dtype_name])
+    record = _record(kind, shape, groups, dtype_name)
     outputs = {}
     for implementation in ("xla", "pallas"):
-        forward, forward_backward = _functions(kind, implementation)
+        forward, forward_backward = _functions(kind, groups, implementation)
         outputs[implementation] = jax.block_until_ready(forward_backward(*args))
         record[f"{implementation}_fwd_us"] = 1e6 * _seconds_per_call(
             forward, args[:3], calls, repeats)
@@ -109,6 +123,12 @@ def _check_case(kind: str, rows: int, features: int, dtype_name: str,
     record["errors"] = errors
     record["ok"] = all(e <= TOLERANCE[dtype_name] for e in errors.values())
     return record
+
+
+def _record(kind: str, shape: tuple[int, ...], groups: int, dtype_name: str
+            ) -> dict[str, Any]:
+    """The fields that name a case."""
+    return {"kind": kind, "shape": list(shape), "groups": groups, "dtype": dtype_name}
 
 
 def _copy_bandwidth(rows: int, features: int, dtype: Any, calls: int, repeats: int) -> float:
@@ -123,8 +143,8 @@ def _add_floors(record: dict[str, Any], bandwidth: dict[str, float]) -> None:
     one pass moves ``rows * features`` elements at the best copy bandwidth of ``bandwidth``
     (bytes per second, read plus write)."""
     itemsize = jnp.dtype(DTYPES[record["dtype"]]).itemsize
-    pass_us = 1e6 * record["rows"] * record["features"] * itemsize / max(bandwidth.values())
-    for stage, passes in (("fwd", 2), ("fwdbwd", 5)):
+    pass_us = 1e6 * math.prod(record["shape"]) * itemsize / max(bandwidth.values())
+    for stage, passes in zip(("fwd", "fwdbwd"), PASSES[record["kind"]]):
         record[f"floor_{stage}_us"] = passes * pass_us
         for implementation in ("xla", "pallas"):
             key = f"{implementation}_{stage}_us"
@@ -134,7 +154,8 @@ def _add_floors(record: dict[str, Any], bandwidth: dict[str, float]) -> None:
 
 def _row(record: dict[str, Any]) -> str:
     """One line of the table."""
-    head = f"{record['kind']:10} {record['rows']:>6}x{record['features']:<5} {record['dtype']:8}"
+    shape = "x".join(map(str, record["shape"]))
+    head = f"{record['kind']:13} {shape:>16} {record['dtype']:8}"
     if "error" in record:
         return f"{head} FAILED: {record['error']}"
     if "skipped" in record:
@@ -144,7 +165,24 @@ def _row(record: dict[str, Any]) -> str:
     floors = [f"{record.get(f'pallas_{s}_of_floor', float('nan')):5.2f}"
               for s in ("fwd", "fwdbwd")]
     worst = max(record["errors"].values())
-    return f"{head} {' '.join(cells)}  {' '.join(floors)}  {worst:8.1e} {'ok' if record['ok'] else 'BAD'}"
+    verdict = "ok" if record["ok"] else "BAD"
+    return f"{head} {' '.join(cells)}  {' '.join(floors)}  {worst:8.1e} {verdict}"
+
+
+def _run_case(kind: str, shape: tuple[int, ...], groups: int, dtype_name: str, calls: int,
+              repeats: int, bandwidth: dict[str, float], skip: bool) -> dict[str, Any]:
+    """One case's record: checked and timed, skipped, or the error it raised."""
+    if skip:
+        return {**_record(kind, shape, groups, dtype_name), "skipped": "time budget",
+                "ok": True}
+    try:
+        record = _check_case(kind, shape, groups, dtype_name, calls, repeats)
+        _add_floors(record, bandwidth)
+    except Exception as error:  # noqa: BLE001 - one failure must not stop the rest
+        return {**_record(kind, shape, groups, dtype_name), "ok": False,
+                "error": f"{type(error).__name__}: {str(error)[:500]}",
+                "traceback": traceback.format_exc()[-3000:]}
+    return record
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -155,6 +193,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="small shapes, interpreted off a GPU (the CPU self-test)")
     parser.add_argument("--calls", type=int, default=20, help="pipelined calls per timing")
     parser.add_argument("--repeats", type=int, default=3, help="timings, best kept")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
+                        help="the dtypes to run")
     parser.add_argument("--budget", type=float, default=100.0,
                         help="seconds after which the remaining cases are skipped")
     return parser.parse_args(argv)
@@ -177,32 +217,20 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"environment": _environment(), "cases": []}
     out = pathlib.Path(options.out)
     start = time.perf_counter()
-    rows_, cols_ = shapes[-1] if options.tiny else (8192, 8192)
+    rows, cols = (9, 130) if options.tiny else (8192, 8192)
     results["copy_bandwidth_GBps"] = {
-        name: _copy_bandwidth(rows_, cols_, dtype, calls, repeats) / 1e9
+        name: _copy_bandwidth(rows, cols, dtype, calls, repeats) / 1e9
         for name, dtype in DTYPES.items()}
     bandwidth = {k: v * 1e9 for k, v in results["copy_bandwidth_GBps"].items()}
-    print("kind       shape        dtype     xla_fwd pallas_fwd xla_f+b pallas_f+b (us)"
-          "  floor:fwd f+b  max_err")
-    for dtype_name in DTYPES:
-        for rows, features in shapes:
-            for kind in KINDS:
-                record: dict[str, Any]
-                if time.perf_counter() - start > options.budget:
-                    record = {"kind": kind, "rows": rows, "features": features,
-                              "dtype": dtype_name, "skipped": "time budget", "ok": True}
-                else:
-                    try:
-                        record = _check_case(kind, rows, features, dtype_name, calls, repeats)
-                        _add_floors(record, bandwidth)
-                    except Exception as error:  # noqa: BLE001 - one failure must not stop the rest
-                        record = {"kind": kind, "rows": rows, "features": features,
-                                  "dtype": dtype_name, "ok": False,
-                                  "error": f"{type(error).__name__}: {str(error)[:500]}",
-                                  "traceback": traceback.format_exc()[-3000:]}
-                results["cases"].append(record)
-                print(_row(record), flush=True)
-                out.write_text(json.dumps(results, indent=1))
+    print(f"{'kind':13} {'shape':>16} dtype     xla_fwd pallas_fwd xla_f+b pallas_f+b (us)"
+          "  of floor: fwd f+b  max_err")
+    for dtype_name in options.dtypes:
+        for kind, shape, groups in shapes:
+            record = _run_case(kind, shape, groups, dtype_name, calls, repeats,
+                               bandwidth, time.perf_counter() - start > options.budget)
+            results["cases"].append(record)
+            print(_row(record), flush=True)
+            out.write_text(json.dumps(results, indent=1))
     results["seconds"] = time.perf_counter() - start
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out} in {results['seconds']:.1f} s")

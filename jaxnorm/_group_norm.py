@@ -15,7 +15,9 @@ from jaxnorm._axes import (
     check_floating,
     check_shape,
 )
+from jaxnorm._implementation import resolve_implementation
 from jaxnorm._normalize import normalize
+from jaxnorm._pallas_group_norm import pallas_group_normalize
 
 Array = jax.Array
 
@@ -66,7 +68,7 @@ def group_norm(
     num_groups: int | None = 32, group_size: int | None = None, feature_axis: int = -1,
     reduction_axes: Axes | None = None, eps: float = 1e-6, mask: Array | None = None,
     axis_name: Any = None, axis_index_groups: Any = None, dtype: Any = None,
-    fast_variance: bool = False,
+    fast_variance: bool = False, implementation: str | None = None,
 ) -> Array:
     r"""Group normalization (Wu & He 2018).
 
@@ -90,6 +92,10 @@ def group_norm(
       axis_index_groups: groups within ``axis_name``.
       dtype: output dtype; default: promoted dtype of ``x``, ``scale``, ``bias``.
       fast_variance: Flax's one-pass variance (see :func:`jaxnorm.moments`).
+      implementation: ``"xla"``, ``"pallas"`` (the Pallas GPU kernels of
+        :mod:`jaxnorm._pallas_group_norm`, run in interpret mode off a GPU: channels-last
+        only, statistics over every axis but 0, always the stable variance, no
+        ``mask``/``axis_name``), or None (automatic: XLA for now).
 
     Returns:
       ``y``, the shape of ``x``.
@@ -105,6 +111,12 @@ def group_norm(
     reduction = _grouped_reduction(x.ndim, axis, reduction_axes)
     channels = x.shape[axis]
     groups = resolve_num_groups(channels, num_groups, group_size)
+    if resolve_implementation(implementation) == "pallas":
+        return pallas_group_normalize(
+            x, scale, bias, groups=groups, eps=eps, mask=mask, axis_name=axis_name,
+            dtype=dtype,
+            channels_last=axis == x.ndim - 1 and reduction == tuple(range(1, x.ndim)),
+        )
     mask = broadcast_mask(mask, x.shape)
     grouped_shape = x.shape[:axis] + (groups, channels // groups) + x.shape[axis + 1 :]
 

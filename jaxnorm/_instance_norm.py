@@ -20,7 +20,10 @@ from jaxnorm._axes import (
     expand_to_rank,
     feature_shape,
 )
+from jaxnorm._implementation import resolve_implementation
 from jaxnorm._normalize import normalize_with_moments
+from jaxnorm._pallas_errors import unsupported
+from jaxnorm._pallas_group_norm import pallas_group_normalize
 from jaxnorm._running import BatchMoments
 from jaxnorm._stats import moments
 
@@ -68,6 +71,7 @@ def instance_norm(
     feature_axes: Axes = -1, eps: float = 1e-6, mask: Array | None = None,
     axis_name: Any = None, axis_index_groups: Any = None, dtype: Any = None,
     fast_variance: bool = False, return_moments: bool = False, allow_single_value: bool = False,
+    implementation: str | None = None,
 ) -> Array | tuple[Array, BatchMoments]:
     r"""Instance normalization (Ulyanov et al. 2016).
 
@@ -100,6 +104,10 @@ def instance_norm(
       allow_single_value: accept an ``x`` with no axis left to reduce (``(N, C)``): each
         value is its own set and the output is ``bias``, as Flax's modules do; by default
         that raises ``ValueError``.
+      implementation: ``"xla"``, ``"pallas"`` (the GroupNorm kernels of
+        :mod:`jaxnorm._pallas_group_norm` with a group per channel, run in interpret mode
+        off a GPU: channels-last only, no ``mask``/``axis_name``/``return_moments``), or
+        None (automatic: XLA for now).
 
     Returns:
       ``y``, the shape of ``x``; with ``return_moments``, ``(y, moments)``.
@@ -113,6 +121,14 @@ def instance_norm(
     features = canonicalize_axes(feature_axes, x.ndim, "feature_axes")
     reduction = spatial_axes(x.ndim, features, x.shape, "instance_norm", feature_axes,
                              allow_single_value)
+    if resolve_implementation(implementation) == "pallas":
+        if return_moments:
+            raise unsupported("return_moments (running statistics)")
+        return pallas_group_normalize(
+            x, scale, bias, groups=x.shape[-1], eps=eps, mask=mask, axis_name=axis_name,
+            dtype=dtype, what="InstanceNorm",
+            channels_last=features == (x.ndim - 1,) and reduction == tuple(range(1, x.ndim - 1)),
+        )
     y, mean, var, count = normalize_with_moments(
         x, reduction, scale, bias, feature_axes=features, eps=eps, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype,

@@ -129,10 +129,12 @@ def store_tile(ref: object, row_start: Array, tiling: Tiling, mask: Array, value
     pl_triton.store(view, value.astype(ref.dtype), mask=mask)
 
 
-def load_vector(ref: object, tiling: Tiling) -> Array:
-    """A length-``features`` vector (``scale``/``bias``), padded with 0, as float32
-    ``(1, block_features)``."""
+def load_vector(ref: object, tiling: Tiling, row: Array | None = None) -> Array:
+    """A length-``features`` vector (``scale``/``bias``; with ``row``, that row of a
+    ``(rows, features)`` array), padded with 0, as float32 ``(1, block_features)``."""
     cols = jnp.arange(tiling.block_features)
-    view = ref.at[pl.ds(0, tiling.block_features)]
+    # one indexer: the Triton lowering takes no chained ``.at``
+    span = pl.ds(0, tiling.block_features)
+    view = ref.at[span] if row is None else ref.at[row, span]
     value = pl_triton.load(view, mask=cols < tiling.features, other=0)
     return value.astype(jnp.float32)[None, :]

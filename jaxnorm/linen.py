@@ -469,6 +469,9 @@ class GroupNorm(nn.Module):
       use_fast_variance: Flax's one-pass variance (off: two-pass accuracy).
       force_float32_reductions: accepted for Flax compatibility; reductions always run in
         at least float32.
+      implementation: ``"xla"``, ``"pallas"`` (the Pallas GPU kernels, interpreted off a
+        GPU; channels-last, statistics over every axis but 0, no ``mask``/``axis_name``)
+        or None (automatic: XLA for now); see :func:`jaxnorm.group_norm`.
     """
 
     num_groups: int | None = 32
@@ -486,6 +489,7 @@ class GroupNorm(nn.Module):
     use_fast_variance: bool = False
     force_float32_reductions: bool = True
     feature_axis: int = -1
+    implementation: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
@@ -513,6 +517,7 @@ class GroupNorm(nn.Module):
             feature_axis=axis, reduction_axes=self.reduction_axes, eps=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
             dtype=self.dtype, fast_variance=self.use_fast_variance,
+            implementation=self.implementation,
         )
 
 
@@ -552,6 +557,10 @@ class InstanceNorm(nn.Module):
         ``momentum=None``: its statistics stay at their initial values).
       use_running_average: evaluation mode with ``track_running_stats`` (may also be given
         at call time).
+      implementation: ``"xla"``, ``"pallas"`` (the Pallas GPU kernels, interpreted off a
+        GPU; channels-last, no ``mask``/``axis_name``, not in training with
+        ``track_running_stats``) or None (automatic: XLA for now); see
+        :func:`jaxnorm.instance_norm`.
     """
 
     epsilon: float = 1e-6
@@ -569,6 +578,7 @@ class InstanceNorm(nn.Module):
     track_running_stats: bool = False
     momentum: float | None = 0.99
     use_running_average: bool | None = None
+    implementation: str | None = None
 
     @nn.compact
     def __call__(
@@ -600,6 +610,7 @@ class InstanceNorm(nn.Module):
         options = {"feature_axes": features, "eps": self.epsilon, "mask": mask,
                    "axis_name": self.axis_name, "axis_index_groups": self.axis_index_groups,
                    "dtype": self.dtype, "fast_variance": self.use_fast_variance,
+                   "implementation": self.implementation,
                    "allow_single_value": True}  # (N, C) input: output bias, as Flax
         if not self.track_running_stats:
             return jaxnorm.instance_norm(x, scale, bias, **options)

@@ -685,6 +685,9 @@ class GroupNorm(nnx.Module):
       scale_metadata: keyword arguments of the ``scale`` ``nnx.Param``, likewise.
       feature_axis: the channel axis (default -1, channels last as Flax; ``1`` for NCHW
         as ``torch.nn.GroupNorm``).
+      implementation: ``"xla"``, ``"pallas"`` (the Pallas GPU kernels, interpreted off a
+        GPU; channels-last, statistics over every axis but 0, no ``mask``/``axis_name``)
+        or None (automatic: XLA for now); see :func:`jaxnorm.group_norm`.
     """
 
     def __init__(
@@ -709,6 +712,7 @@ class GroupNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
         feature_axis: int = -1,
+        implementation: str | None = None,
     ):
         self.num_groups = resolve_num_groups(num_features, num_groups, group_size)
         self.group_size = num_features // self.num_groups
@@ -727,6 +731,7 @@ class GroupNorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
+        self.implementation = implementation
 
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalizes ``x`` (formula above).
@@ -750,7 +755,7 @@ class GroupNorm(nnx.Module):
             feature_axis=self.feature_axis, reduction_axes=self.reduction_axes,
             eps=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-            fast_variance=self.use_fast_variance,
+            fast_variance=self.use_fast_variance, implementation=self.implementation,
         )
 
 
@@ -806,6 +811,10 @@ class InstanceNorm(nnx.Module):
         0.9 here); ``None``: the exact cumulative average, with a ``count`` BatchStat.
       use_running_average: evaluation mode with ``track_running_stats`` (default False,
         training, as Flax NNX's BatchNorm); ``model.train()`` / ``model.eval()`` set it.
+      implementation: ``"xla"``, ``"pallas"`` (the Pallas GPU kernels, interpreted off a
+        GPU; channels-last, no ``mask``/``axis_name``, not in training with
+        ``track_running_stats``) or None (automatic: XLA for now); see
+        :func:`jaxnorm.instance_norm`.
     """
 
     def __init__(
@@ -830,6 +839,7 @@ class InstanceNorm(nnx.Module):
         track_running_stats: bool = False,
         momentum: float | None = 0.99,
         use_running_average: bool = False,
+        implementation: str | None = None,
     ):
         check_momentum(momentum)
         shape = _shape(num_features)
@@ -854,6 +864,7 @@ class InstanceNorm(nnx.Module):
         self.track_running_stats = track_running_stats
         self.momentum = momentum
         self.use_running_average = use_running_average
+        self.implementation = implementation
 
     def __call__(
         self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
@@ -876,6 +887,7 @@ class InstanceNorm(nnx.Module):
         options = {"feature_axes": self.feature_axes, "eps": self.epsilon, "mask": mask,
                    "axis_name": self.axis_name, "axis_index_groups": self.axis_index_groups,
                    "dtype": self.dtype, "fast_variance": self.use_fast_variance,
+                   "implementation": self.implementation,
                    "allow_single_value": True}  # (N, C) input: output bias, as Flax
         if not self.track_running_stats:
             return jaxnorm.instance_norm(x, scale, bias, **options)

@@ -26,17 +26,17 @@ DIFFERENT_DEFAULTS = {"use_fast_variance": (False, True)}  # (jaxnorm, Flax)
 RUNNING_STATISTICS = ["track_running_stats", "momentum", "use_running_average"]
 EXTRAS = {
     "BatchNorm": ["unbiased_running_var", "virtual_batch_size"],
-    "GroupNorm": ["feature_axis"],
+    "GroupNorm": ["feature_axis", "implementation"],
     "LayerNorm": ["zero_centered_scale", "implementation"],
     "RMSNorm": ["zero_centered_scale", "use_bias", "bias_init", "implementation"],
-    "InstanceNorm": RUNNING_STATISTICS,
+    "InstanceNorm": [*RUNNING_STATISTICS, "implementation"],
 }
 NNX_EXTRAS = {"BatchNorm": ["unbiased_running_var", "virtual_batch_size"],
-              "GroupNorm": ["feature_axis"],
+              "GroupNorm": ["feature_axis", "implementation"],
               "LayerNorm": ["zero_centered_scale", "implementation"],
               "RMSNorm": ["zero_centered_scale", "use_bias", "bias_init", "bias_metadata",
                           "implementation"],
-              "InstanceNorm": RUNNING_STATISTICS}
+              "InstanceNorm": [*RUNNING_STATISTICS, "implementation"]}
 MISSING = {}  # arguments Flax has and jaxnorm lacks: none
 
 

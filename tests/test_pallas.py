@@ -5,6 +5,7 @@ script's CPU path. Shapes are small: interpret mode is slow."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import pathlib
@@ -45,6 +46,7 @@ def _inputs(rows: int, features: int, dtype, seed: int = 0):
     return x, scale, bias, dy
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def _value_and_grads(kind: str, implementation: str, x, scale, bias, dy):
     norm = NORMS[kind]
     y, pullback = jax.vjp(
@@ -58,8 +60,9 @@ def _close(a, b, tol: float) -> None:
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, np.abs(b).max()))
 
 
-@pytest.mark.parametrize("kind", ["layer", "rms"])
-@pytest.mark.parametrize("rows,features", [(3, 1), (5, 7), (4, 129), (3, 1000)])
+@pytest.mark.parametrize("kind,rows,features", [
+    ("layer", 3, 1), ("layer", 5, 7), ("layer", 3, 1000), ("rms", 5, 7), ("rms", 4, 129),
+])
 def test_values_and_gradients_float32(kind: str, rows: int, features: int) -> None:
     inputs = _inputs(rows, features, jnp.float32)
     pallas = _value_and_grads(kind, "pallas", *inputs)
@@ -71,8 +74,7 @@ def test_values_and_gradients_float32(kind: str, rows: int, features: int) -> No
         _close(ours, exact, 2e-5)
 
 
-@pytest.mark.parametrize("kind", ["layer", "rms"])
-@pytest.mark.parametrize("rows,features", [(5, 7), (3, 129)])
+@pytest.mark.parametrize("kind,rows,features", [("layer", 5, 129), ("rms", 3, 7)])
 def test_values_and_gradients_bfloat16(kind: str, rows: int, features: int) -> None:
     inputs = _inputs(rows, features, jnp.bfloat16, seed=1)
     pallas = _value_and_grads(kind, "pallas", *inputs)
@@ -183,6 +185,104 @@ def test_gpu_check_script_cpu_path(tmp_path: pathlib.Path) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "check.json"
-    assert module.main([str(out), "--tiny"]) == 0
+    assert module.main([str(out), "--tiny", "--dtypes", "float32"]) == 0
     results = json.loads(out.read_text())
     assert results["cases"] and all(case["ok"] for case in results["cases"]), results
+
+
+def _group_reference(x, scale, bias, dy, groups: int):
+    """float64 ``(y, dx, dscale, dbias)`` of channels-last GroupNorm."""
+    x, scale, bias, dy = (np.asarray(a, np.float64) for a in (x, scale, bias, dy))
+    shape = x.shape
+    sets = (shape[0], -1, groups, shape[-1] // groups)
+    xs, gs = x.reshape(sets), (dy * scale).reshape(sets)
+    centred = xs - xs.mean((1, 3), keepdims=True)
+    rstd = 1 / np.sqrt((centred**2).mean((1, 3), keepdims=True) + EPS)
+    x_hat = centred * rstd
+    dx = rstd * (gs - gs.mean((1, 3), keepdims=True)
+                 - x_hat * (gs * x_hat).mean((1, 3), keepdims=True))
+    x_hat = x_hat.reshape(shape)
+    axes = tuple(range(len(shape) - 1))
+    return (x_hat * scale + bias, dx.reshape(shape), (dy * x_hat).sum(axes), dy.sum(axes))
+
+
+def _group_inputs(shape: tuple[int, ...], dtype, seed: int = 0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    channels = shape[-1]
+    x = (jax.random.normal(keys[0], shape) * 2 + 1).astype(dtype)
+    scale = (1 + 0.5 * jax.random.normal(keys[1], (channels,))).astype(dtype)
+    bias = jax.random.normal(keys[2], (channels,)).astype(dtype)
+    return x, scale, bias, jax.random.normal(keys[3], shape).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _group_value_and_grads(kind: str, groups: int, implementation: str, x, scale, bias, dy):
+    if kind == "group":
+        def norm(*a):
+            return jaxnorm.group_norm(*a, num_groups=groups, eps=EPS,
+                                      implementation=implementation)
+    else:
+        def norm(*a):
+            return jaxnorm.instance_norm(*a, eps=EPS, implementation=implementation)
+    y, pullback = jax.vjp(norm, x, scale, bias)
+    return (y, *pullback(dy.astype(y.dtype)))
+
+
+@pytest.mark.parametrize("kind,shape,groups,dtype", [
+    ("group", (3, 11, 10), 5, jnp.float32),
+    ("group", (2, 7, 12), 3, jnp.bfloat16),
+    ("instance", (2, 3, 5, 7), 7, jnp.float32),
+    ("instance", (3, 9, 4), 4, jnp.bfloat16),
+])
+def test_group_and_instance_values_and_gradients(kind, shape, groups, dtype) -> None:
+    inputs = _group_inputs(shape, dtype)
+    pallas = _group_value_and_grads(kind, groups, "pallas", *inputs)
+    xla = _group_value_and_grads(kind, groups, "xla", *inputs)
+    reference = _group_reference(*inputs, groups=groups)
+    tol = 2e-5 if dtype == jnp.float32 else 3e-2
+    for ours, theirs, exact in zip(pallas, xla, reference):
+        assert ours.dtype == theirs.dtype
+        _close(ours, theirs, tol)
+        _close(ours, exact, tol)
+
+
+def test_group_norm_many_tiles_per_program() -> None:
+    """More tiles than programs: each program merges several tiles' moments (Chan)."""
+    from jaxnorm import _pallas_group_norm as gn
+
+    tiling = gn.make_group_tiling(2, 300, 200, 4)
+    assert tiling.steps > 1 or tiling.row_tiles > 1
+    inputs = _group_inputs((2, 300, 200), jnp.float32, seed=3)
+    inputs = (inputs[0] / 2 + 1e4, *inputs[1:])  # |mean|/std = 1e4
+    pallas = _group_value_and_grads("group", 4, "pallas", *inputs)
+    reference = _group_reference(*inputs, groups=4)
+    for ours, exact in zip(pallas, reference):
+        _close(ours, exact, 2e-4)
+
+
+@pytest.mark.parametrize("kind", ["group", "instance"])
+def test_group_constant_sets_give_exactly_bias(kind: str) -> None:
+    x = jnp.broadcast_to(jnp.array([0.1, -3.7], jnp.float32)[:, None, None], (2, 9, 6))
+    scale, bias = jnp.linspace(0.5, 2.0, 6), jnp.linspace(-1.0, 1.0, 6)
+    y = _group_value_and_grads(kind, 3, "pallas", x, scale, bias, jnp.ones_like(x))[0]
+    np.testing.assert_array_equal(np.asarray(y), np.broadcast_to(np.asarray(bias), y.shape))
+
+
+def test_group_modules_and_errors() -> None:
+    x = jax.random.normal(jax.random.key(8), (2, 4, 4, 8))
+    for cls, options in ((jl.GroupNorm, {"num_groups": 4}), (jl.InstanceNorm, {})):
+        pallas, xla = cls(implementation="pallas", **options), cls(**options)
+        params = xla.init(jax.random.key(0), x)
+        _close(pallas.apply(params, x), xla.apply(params, x), 2e-5)
+    pallas = jx.GroupNorm(8, num_groups=2, rngs=nnx.Rngs(0), implementation="pallas")
+    _close(pallas(x), jx.GroupNorm(8, num_groups=2, rngs=nnx.Rngs(0))(x), 2e-5)
+    pallas = jx.InstanceNorm(8, rngs=nnx.Rngs(0), implementation="pallas")
+    _close(pallas(x), jx.InstanceNorm(8, rngs=nnx.Rngs(0))(x), 2e-5)
+    with pytest.raises(ValueError, match="implementation='pallas'.*channels-last"):
+        jaxnorm.group_norm(x, num_groups=2, feature_axis=1, implementation="pallas")
+    with pytest.raises(ValueError, match="implementation='pallas'.*mask"):
+        jaxnorm.instance_norm(x, mask=x > 0, implementation="pallas")
+    with pytest.raises(ValueError, match="implementation='pallas'.*return_moments"):
+        jaxnorm.instance_norm(x, return_moments=True, implementation="pallas")
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        jaxnorm.group_norm(x, num_groups=2, implementation="cuda")
