@@ -319,6 +319,37 @@ def x_sized_intermediates(hlo_text: str, x_elements: int) -> list[dict[str, Any]
     return found
 
 
+def x_sized_passes(hlo_text: str, x_elements: int) -> int:
+    """Passes over x-sized arrays: how many arrays of at least ``x_elements`` elements the
+    kernels read or write (a conditional: its costliest branch), to set beside the pass
+    floor (``sweep.FLOOR_PASSES``). Dtypes are not weighed: a float32 pass over a
+    bfloat16 input counts one, as a bfloat16 one does."""
+    computations, entry = parse_computations(hlo_text)
+    return _passes(computations, entry, x_elements)
+
+
+def _elements(array: str) -> int:
+    """Elements of one ``dtype[dims]`` array."""
+    return math.prod(int(d) for d in re.findall(r"\d+", array.split("[", 1)[1]))
+
+
+def _passes(computations: dict[str, list[Instruction]], name: str, x_elements: int) -> int:
+    instructions = computations.get(name, [])
+    shapes = {i.name: i.shape for i in instructions}
+    total = 0
+    for instruction in instructions:
+        if _does_no_work(instruction) or instruction.opcode in ("tuple", "bitcast"):
+            continue
+        if instruction.opcode in CONTROL_FLOW:
+            total += max((_passes(computations, c, x_elements)
+                          for c in called_computations(instruction)), default=0)
+            continue
+        arrays = _result_arrays(instruction.shape)
+        arrays += [a for o in instruction.operands for a in _result_arrays(shapes.get(o, ""))]
+        total += sum(_elements(a) >= x_elements for a in arrays)
+    return total
+
+
 def _check_intermediates(computations: dict[str, list[Instruction]], name: str,
                          x_elements: int, found: list[dict[str, Any]], seen: set[str]) -> None:
     if name in seen or name not in computations:
@@ -335,8 +366,7 @@ def _check_intermediates(computations: dict[str, list[Instruction]], name: str,
         arrays = _result_arrays(instruction.shape)
         tupled = instruction.shape.startswith("(")
         for index, array in enumerate(arrays):
-            dims = [int(d) for d in re.findall(r"\d+", array.split("[", 1)[1])]
-            if math.prod(dims) < x_elements:
+            if _elements(array) < x_elements:
                 continue
             if (instruction.name, index if tupled else None) in outputs or (
                     instruction.name, None) in outputs:
@@ -623,6 +653,8 @@ def compile_case(run: Any, where: Compilation, case: Case, impl: str, index: int
     if where.target.family == "gpu":
         record["bytes"] = gpu_bytes_accessed(compiled)
         record["x_sized_writes"] = x_sized_intermediates(hlo, math.prod(case.shape))
+        record["x_passes"] = x_sized_passes(hlo, math.prod(case.shape))
+        record["floor_passes"] = run.sweep.FLOOR_PASSES[case.layer][case.pass_name]
         thunks = thunk_file(where.xla_dump, name) if where.xla_dump else None
         record["launched"] = launched_kernels(thunks.read_text()) if thunks else None
     else:
@@ -842,6 +874,8 @@ def structure(ours: dict, theirs: dict) -> dict[str, Any]:
     return {
         "jaxnorm_x_sized": names["jaxnorm"], "flax_x_sized": names["flax"],
         "extra_x_sized": len(names["jaxnorm"]) - len(names["flax"]),
+        "jaxnorm_x_passes": ours.get("x_passes"), "flax_x_passes": theirs.get("x_passes"),
+        "floor_passes": ours.get("floor_passes"),
         "unpaid_kernels": ours["kernels"] > theirs["kernels"] and ours["bytes"] >= theirs["bytes"],
     }
 
@@ -854,11 +888,12 @@ def structure_table(rows: Sequence[dict]) -> str:
 
     ordered = sorted(rows, key=lambda r: not failing(r))
     header = ["case", "x-sized intermediates jaxnorm", "Flax", "kernels j/F", "MiB j/F",
-              "check"]
+              "x passes j/F/floor", "check"]
     return markdown_table(header, (
         [short_case(r), "<br>".join(r["jaxnorm_x_sized"]) or "none",
          "<br>".join(r["flax_x_sized"]) or "none", f"{r['jaxnorm_kernels']}/{r['flax_kernels']}",
          f"{r['jaxnorm_bytes'] / MIB:.1f}/{r['flax_bytes'] / MIB:.1f}",
+         f"{r['jaxnorm_x_passes']}/{r['flax_x_passes']}/{r['floor_passes']}",
          ", ".join(filter(None, [
              f"{r['extra_x_sized']} more x-sized than Flax" if r["extra_x_sized"] > 0 else "",
              "kernel(s) more, bytes not fewer" if r["unpaid_kernels"] else ""])) or "ok"]
@@ -901,7 +936,9 @@ def summarize(rows: Sequence[dict]) -> dict[str, dict]:
 def short_case(row: dict) -> str:
     dtype = {"float32": "f32", "bfloat16": "bf16"}.get(row["dtype"], row["dtype"])
     step = {"forward": "fwd", "forward+backward": "fwd+bwd"}.get(row["pass"], row["pass"])
-    return f"{row['layer']} {'x'.join(map(str, row['shape']))} {dtype} {step}"
+    params = row.get("param_dtype", "float32")
+    params = "" if params == "float32" else f" ({ {'bfloat16': 'bf16'}.get(params, params)} params)"
+    return f"{row['layer']} {'x'.join(map(str, row['shape']))} {dtype}{params} {step}"
 
 
 def markdown_table(header: Sequence[str], lines: Iterable[Sequence[str]]) -> str:

@@ -266,3 +266,9 @@ def test_structural_check_finds_the_x_sized_writes_the_graph_does_not_return():
     assert [(w["instruction"], w["array"], w["bytes"]) for w in found] == [
         ("sub", "f32[4,8]", 128), ("multi{1}", "f32[4,8]", 128)]
     assert accelerators.x_sized_intermediates(SYNTHETIC_HLO, 33) == []
+
+
+def test_structural_passes_count_every_x_sized_read_and_write():
+    accelerators = _load("accelerators")
+    # sub: reads x, writes sub (2); red: reads sub (1); multi: reads x, writes two (3)
+    assert accelerators.x_sized_passes(SYNTHETIC_HLO, 32) == 6
