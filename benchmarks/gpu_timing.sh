@@ -121,7 +121,7 @@ log "using $PY: $("$PY" -c 'import jax, flax; print("jax", jax.__version__, "fla
 
 export BUDGET_S="${BUDGET_S:-$(( TOTAL_S - SECONDS - 5 ))}"
 log "running benchmarks/gpu_bench.py with a ${BUDGET_S}s budget"
-"$PY" "$REPO/benchmarks/gpu_bench.py" "${EXTRA[@]}" "$@"
+"$PY" "$REPO/benchmarks/gpu_bench.py" ${EXTRA[@]+"${EXTRA[@]}"} "$@"
 STATUS=$?
 log "done in ${SECONDS}s (exit $STATUS)"
 exit $STATUS

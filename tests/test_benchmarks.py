@@ -219,13 +219,14 @@ def test_gpu_kernels_are_attributed_to_the_jitted_function_that_ran_them(gpu_ben
 
 def test_gpu_bench_tiny_writes_the_records_and_the_report(tmp_path):
     out = tmp_path / "tiny.json"
-    command = [sys.executable, str(BENCHMARKS / "gpu_bench.py"), "--tiny", "--max-cases", "1",
+    command = [sys.executable, str(BENCHMARKS / "gpu_bench.py"), "--tiny", "--max-cases", "2",
                "--no-torch-compile", "--budget-s", "150", "--workers", "2", "--out", str(out)]
     subprocess.run(command, check=True, timeout=240, capture_output=True)
     document = json.loads(out.read_text())
     records = document["records"]
-    assert {(r["pass"], r["api"]) for r in records} == {
-        (p, a) for p in ("forward", "forward+backward") for a in ("module", "functional")}
+    assert {(r["dtype"], r["pass"], r["api"]) for r in records} == {
+        (d, p, a) for d in ("float32", "bfloat16") for p in ("forward", "forward+backward")
+        for a in ("module", "functional")}
     required = {"layer", "shape", "dtype", "pass", "api", "jaxnorm_us", "flax_us",
                 "torch_eager_us", "torch_compile_us", "floor_us", "kernels"}
     for record in records:
