@@ -37,6 +37,7 @@ def test_readme_has_a_snippet_for_every_usage_section() -> None:
         "jaxnorm.moments(",
         "from jaxnorm import linen",
         "from jaxnorm import nnx",
+        "from jaxnorm import equinox",
         "jax.pmap(",
         "jax.shard_map",
         "jax.distributed.initialize(",

@@ -49,6 +49,7 @@ MODULE_TITLES = {
     "jaxnorm": "Functional core",
     "jaxnorm.linen": "Flax Linen modules",
     "jaxnorm.nnx": "Flax NNX modules",
+    "jaxnorm.equinox": "Equinox layers",
 }
 
 
@@ -98,9 +99,9 @@ def _index_page() -> str:
     modules = "".join(f"   {module}\n" for module in PUBLIC_MODULES)
     return (
         f"{_title('API reference')}\n"
-        "Generated from each module's ``__all__`` (``jaxnorm.linen`` and ``jaxnorm.nnx``:\n"
-        "their public classes and functions). Every page shows the docstring with its math\n"
-        "and a runnable example.\n\n"
+        "Generated from each module's ``__all__`` (``jaxnorm.linen``, ``jaxnorm.nnx`` and\n"
+        "``jaxnorm.equinox``: their public classes and functions). Every page shows the\n"
+        "docstring with its math and a runnable example.\n\n"
         f".. toctree::\n   :maxdepth: 2\n\n{modules}"
     )
 

@@ -14,6 +14,8 @@ Parameters to document (Google style, as napoleon reads them):
   in an ``Args:`` or ``Attributes:`` section of the class docstring (or of the docstring of
   the jaxnorm base class that declares the field);
 * another dataclass or a ``NamedTuple``: its fields, likewise;
+* an Equinox module (a dataclass too, but built through its ``__init__``, as Flax NNX
+  modules are): every ``__init__`` parameter, like any other class;
 * any other class (Flax NNX modules included): every ``__init__`` parameter except ``self``
   — ``rngs`` included, as a user passes it — in the ``Args:`` section of the class or of
   ``__init__``; a class whose ``__init__`` comes from outside jaxnorm (an exception) has none;
@@ -27,12 +29,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import re
 from collections.abc import Iterator
 from typing import Any
 
-PUBLIC_MODULES = ("jaxnorm", "jaxnorm.linen", "jaxnorm.nnx")
+# jaxnorm.equinox needs the optional Equinox (``jaxnorm[equinox]``, in the test and docs
+# extras); without it the module is left out rather than failing the import.
+PUBLIC_MODULES = ("jaxnorm", "jaxnorm.linen", "jaxnorm.nnx") + (
+    ("jaxnorm.equinox",) if importlib.util.find_spec("equinox") is not None else ()
+)
 FLAX_MODULE_FIELDS = frozenset({"parent", "name"})
 NO_DOCSTRING = "(docstring)"
 
@@ -124,8 +131,16 @@ def _is_linen_module(cls: type) -> bool:
     return issubclass(cls, nn.Module)
 
 
+def _is_equinox_module(cls: type) -> bool:
+    try:
+        import equinox as eqx
+    except ImportError:
+        return False
+    return issubclass(cls, eqx.Module)
+
+
 def _constructor_parameters(cls: type) -> list[str]:
-    if dataclasses.is_dataclass(cls):
+    if dataclasses.is_dataclass(cls) and not _is_equinox_module(cls):
         names = [field.name for field in dataclasses.fields(cls)]
         return [n for n in names if not (_is_linen_module(cls) and n in FLAX_MODULE_FIELDS)]
     if issubclass(cls, tuple) and hasattr(cls, "_fields"):

@@ -26,6 +26,7 @@ name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -53,10 +54,15 @@ def _debiased(hidden: jaxnorm.RunningStatistics, counter: Array,
               momentum: float) -> jaxnorm.RunningStatistics:
     r"""The bias-corrected running averages of ``mode="batch"``: with :math:`c = m^k`,
     :math:`h_\mu/(1-c)` and :math:`(h_{\sigma^2} - c)/(1-c)` (the initial mean 0 and
-    variance 1 removed); the stored values while :math:`k = 0`."""
-    started = (counter > 0) & (momentum < 1)
-    decay = jnp.asarray(momentum, hidden.mean.dtype) ** jnp.where(started, counter, 1)
-    weight = jnp.where(started, 1 - decay, 1)
+    variance 1 removed); the stored values while :math:`k = 0`. :math:`1 - c` is formed
+    as :math:`-\mathrm{expm1}(k\log m)` with :math:`\log m` in double precision, so it
+    carries no float32 rounding of :math:`m` (a relative error that would multiply the
+    mean: :math:`10^{-6}` of a mean of :math:`10^4` is :math:`10^{-2}`)."""
+    started = (counter > 0) & (0 < momentum < 1)
+    log_momentum = math.log(momentum) if 0 < momentum < 1 else 0.0
+    exponent = jnp.where(started, counter, 1).astype(hidden.mean.dtype) * log_momentum
+    weight = jnp.where(started, -jnp.expm1(exponent), 1)
+    decay = jnp.exp(exponent)
     mean = hidden.mean / weight
     var = jnp.where(started, (hidden.var - decay) / weight, hidden.var)
     return jaxnorm.RunningStatistics(mean, jnp.maximum(var, 0))
