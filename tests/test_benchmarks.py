@@ -273,3 +273,29 @@ def test_structural_passes_count_every_x_sized_read_and_write():
     accelerators = _load("accelerators")
     # sub: reads x, writes sub (2); red: reads sub (1); multi: reads x, writes two (3)
     assert accelerators.x_sized_passes(SYNTHETIC_HLO, 32) == 6
+
+
+@pytest.mark.parametrize("with_modules", [True, False])
+def test_gpu_bench_device_path_turns_trace_events_into_per_implementation_times(
+        gpu_bench, sweep, tmp_path, monkeypatch, with_modules):
+    """The GPU-only path, fed fake GPU stream events: each implementation's device time is
+    its kernels' sum per call; without hlo_module stats each gets a trace of its own."""
+    traced = []
+
+    def fake_trace(calls, repeats):
+        traced.append(sorted(calls))
+        return [("Stream #7(Compute)", f"fusion_{i}", 1000.0 * (i + 1),
+                 f"jit_{name}" if with_modules else "")
+                for name in calls for _ in range(repeats) for i in range(2)]
+
+    monkeypatch.setattr(gpu_bench, "trace_events", fake_trace)
+    settings = gpu_bench.Settings(out=tmp_path / "x.json", deadline=1e12, workers=2)
+    case = sweep.tiny(sweep.find("BatchNorm", (64, 7, 7, 512)))
+    records = gpu_bench.time_case(case, "float32", 100.0, settings)
+    assert len(records) == 4 and len(traced) == (1 if with_modules else 7)
+    for record in records:
+        assert record["timing"] == "device"
+        assert record["jaxnorm_us"] == record["flax_us"] == 3.0 and record["ratio"] == 1.0
+        assert record["kernel_count"] == {"jaxnorm": 2, "flax": 2}
+        assert [k["name"] for k in record["kernels"]["flax"]] == ["fusion_1", "fusion_0"]
+        assert record["jaxnorm_floor_fraction"] == round(record["floor_us"] / 3.0, 4)
