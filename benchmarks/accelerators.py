@@ -290,7 +290,8 @@ def _root_outputs(instructions: list[Instruction]) -> set[tuple[str, int | None]
         if instruction is None:
             continue
         if instruction.opcode == "tuple":
-            operands = instruction.operands if index is None else instruction.operands[index:index + 1]
+            operands = instruction.operands
+            operands = operands if index is None else operands[index:index + 1]
             pending += [(o, None) for o in operands]
         elif instruction.opcode == "get-tuple-element":
             element = re.search(r"index=(\d+)", instruction.attributes)

@@ -346,7 +346,10 @@ def profile_data_class() -> Any:
     return ProfileData
 
 
-def trace_events(calls: dict[str, Callable[[], Any]], repeats: int) -> list[tuple[str, str, float, str]]:
+Event = tuple[str, str, float, str]  # stream line, kernel, duration ns, hlo_module
+
+
+def trace_events(calls: dict[str, Callable[[], Any]], repeats: int) -> list[Event]:
     """Runs each call ``repeats`` times under one ``jax.profiler`` trace; returns the GPU
     stream events as ``(line, kernel, duration ns, hlo_module)`` (empty without a GPU)."""
     import jax
@@ -367,7 +370,7 @@ def trace_events(calls: dict[str, Callable[[], Any]], repeats: int) -> list[tupl
         return gpu_stream_events(profile_data.from_file(paths[0]))
 
 
-def gpu_stream_events(profile: Any) -> list[tuple[str, str, float, str]]:
+def gpu_stream_events(profile: Any) -> list[Event]:
     """``(line, kernel, duration ns, hlo_module)`` of the events on the GPU planes' stream
     lines (every line of a GPU plane where none is named a stream)."""
     events = []
@@ -401,7 +404,7 @@ def owner(module: str, names: Iterable[str]) -> str | None:
     return None
 
 
-def kernels_by_owner(events: Sequence[tuple[str, str, float, str]], names: Sequence[str],
+def kernels_by_owner(events: Sequence[Event], names: Sequence[str],
                      everything_to: str | None = None) -> tuple[dict[str, list[Kernel]], float]:
     """Events grouped per function name and kernel; with ``everything_to``, all events go
     to that name. Also returns the nanoseconds no name claimed."""
@@ -921,6 +924,7 @@ def report(document: dict[str, Any]) -> str:
     """The Markdown report of a run."""
     env, records = document["environment"], document["records"]
     timing = {r["timing"] for r in records} or {"–"}
+    cases = {(r["layer"], tuple(r["shape"]), r["dtype"], r["param_dtype"]) for r in records}
     parts = [
         f"# GPU benchmark: {env.get('device', '?')}, {env.get('date', '?')}", "",
         "`bash benchmarks/gpu_timing.sh` (`benchmarks/gpu_bench.py`). jax "
@@ -933,8 +937,7 @@ def report(document: dict[str, Any]) -> str:
         f"{env.get('copy', {}).get('gbps')} GB/s. Floor: LayerNorm/RMSNorm 2 (forward) and 5 "
         "(forward+backward) passes of x, BatchNorm/GroupNorm/InstanceNorm 3 and 8, at that "
         "bandwidth; floor fraction = floor / time (1 = at the floor).", "",
-        f"Cases timed: {len({(r['layer'], tuple(r['shape']), r['dtype'], r['param_dtype']) for r in records})}"
-        f", skipped (time budget): {len(document['skipped'])}, errors: "
+        f"Cases timed: {len(cases)}, skipped (time budget): {len(document['skipped'])}, errors: "
         f"{len(document['errors']) + sum(bool(r['errors']) for r in records)}; "
         f"run took {env.get('seconds', '?')} s of a {env.get('budget_s', '?')} s budget.", "",
         summary(records), "",

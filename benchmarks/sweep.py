@@ -120,7 +120,8 @@ def interleaved(cases: Iterable[Case]) -> list[Case]:
     return [case for round_ in rounds for case in round_ if case is not None]
 
 
-def with_dtypes(cases: Iterable[Case], dtypes: Sequence[str] = DTYPES) -> Iterator[tuple[Case, str]]:
+def with_dtypes(cases: Iterable[Case],
+                dtypes: Sequence[str] = DTYPES) -> Iterator[tuple[Case, str]]:
     """``(case, dtype)`` pairs, without the repeats that ``param_dtype="input"`` would give
     when the input is float32 and a float32-parameter twin of the case exists."""
     cases = list(cases)

@@ -253,7 +253,7 @@ ENTRY %main.9 (x: f32[4,8]) -> (f32[32], f32[8]) {
   %x = f32[4,8]{1,0} parameter(0)
   %sub = f32[4,8]{1,0} fusion(f32[4,8]{1,0} %x), kind=kLoop, calls=%fused_sub
   %red = f32[8]{0} fusion(f32[4,8]{1,0} %sub), kind=kInput, calls=%fused_sub
-  %multi = (f32[4,8]{1,0}, f32[4,8]{1,0}) fusion(f32[4,8]{1,0} %x, f32[8]{0} %red), kind=kLoop, calls=%fused_sub
+  %multi = (f32[4,8]{1,0}, f32[4,8]{1,0}) fusion(%x, %red), kind=kLoop, calls=%fused_sub
   %gte = f32[4,8]{1,0} get-tuple-element((f32[4,8]{1,0}, f32[4,8]{1,0}) %multi), index=0
   %bc = f32[32]{0} bitcast(f32[4,8]{1,0} %gte)
   ROOT %out = (f32[32]{0}, f32[8]{0}) tuple(f32[32]{0} %bc, f32[8]{0} %red)
