@@ -126,9 +126,16 @@ def _shifted_sums(
 
 # XLA:GPU splits a column reduction of more rows than this itself (tree reduction).
 GPU_COLUMN_SPLIT_BOUND = 4096
-# Outputs a column reduction needs for XLA:GPU to fuse ``x - pivot`` into it (its blocks
-# then fill an H200's 132 multiprocessors).
-GPU_FUSING_OUTPUTS = 4096
+# Outputs a column reduction needs for XLA:GPU to fuse ``x - pivot`` into it. 4096 (one
+# H200 wave of its blocks) was too few: at exactly 4096 (InstanceNorm 32x64x64x128) XLA
+# stored ``x - pivot`` full-size, costing 32 of 91 us on a real H200. With 16384 the
+# compiled H200 graph of every strided case of the benchmark sweep and of 20 other shapes
+# writes no x-sized array besides y and dx (benchmarks/RESULTS.md, structural checks);
+# 8192 and 65536 each left some.
+GPU_FUSING_OUTPUTS = 16384
+# Fewest rows a chunk keeps: shorter chunks would leave the second stage a sum nearly as
+# long as the set (and the split buys nothing on sets of few outputs and rows).
+GPU_MIN_CHUNK_ROWS = 8
 
 
 def gpu_chunks(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, int, int] | None:
@@ -137,7 +144,8 @@ def gpu_chunks(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, int,
     ``k`` chunks. XLA:GPU sums up to 4096 rows of a column reduction in one kernel of one
     block per 32 outputs, and into a kernel of fewer blocks than multiprocessors it fuses
     no producer with a second operand (``x - pivot`` would be stored full-size); ``k`` is
-    the smallest that gives 4096 outputs, so each chunk's sum fuses its producers."""
+    the smallest that gives ``GPU_FUSING_OUTPUTS`` outputs, so each chunk's sum fuses its
+    producers."""
     if not axes:
         return None
     lead = end = axes[0]
@@ -147,7 +155,7 @@ def gpu_chunks(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, int,
     outputs = math.prod(shape) // max(rows, 1)
     if rows > GPU_COLUMN_SPLIT_BOUND or outputs >= GPU_FUSING_OUTPUTS:
         return None
-    chunks = next((k for k in range(2, rows // 2 + 1)
+    chunks = next((k for k in range(2, rows // GPU_MIN_CHUNK_ROWS + 1)
                    if rows % k == 0 and outputs * k >= GPU_FUSING_OUTPUTS), None)
     return None if chunks is None else (lead, end, chunks)
 
