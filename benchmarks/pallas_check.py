@@ -7,9 +7,12 @@ Usage (repository root on ``PYTHONPATH``, no installs)::
 
 For each case (kernel, shape, dtype) it compiles the forward and the forward+backward of
 both paths, checks the kernel's ``y``, ``dx``, ``dscale``, ``dbias`` against XLA's, and
-times both: the device time of one call is taken as the wall time of ``--calls``
-pipelined calls ended by one ``block_until_ready``, divided by the calls (best of
-``--repeats``). The pass floor is one read or write of an ``x``-sized array at the copy
+times both: the device time of one call is the sum of its GPU kernels' durations in a
+``jax.profiler`` trace of ``--calls`` calls (``"timing": "profiler"``), or, where the trace
+gives nothing (a CPU, a JAX without ``jax.profiler.ProfileData``), the wall time of
+``--calls`` pipelined calls ended by one ``block_until_ready``, divided by the calls, best
+of ``--repeats`` (``"timing": "wall"``; it includes dispatch, which dominates small
+cases). The pass floor is one read or write of an ``x``-sized array at the copy
 bandwidth measured in the same run (``y = x + 1``, the faster of float32 and bfloat16):
 2 passes forward, 5 forward+backward
 (read ``x``, ``dy``, write ``dx``) for LayerNorm/RMSNorm; 3 and 8 for GroupNorm and
@@ -21,11 +24,13 @@ skipped.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import pathlib
 import platform
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -68,6 +73,9 @@ def _functions(kind: str, groups: int, implementation: str) -> tuple[Callable, C
         y, pullback = jax.vjp(forward, x, scale, bias)
         return (y, *pullback(dy))
 
+    # distinct names: the profiler's hlo_module (jit_<name>) tells the functions apart
+    forward.__name__ = f"check_{implementation}_fwd"
+    forward_backward.__name__ = f"check_{implementation}_fwdbwd"
     return jax.jit(forward), jax.jit(forward_backward)
 
 
@@ -96,6 +104,65 @@ def _seconds_per_call(fn: Callable, args: tuple, calls: int, repeats: int) -> fl
     return best
 
 
+def _gpu_stream_events(profile: Any) -> list[tuple[str, float]]:
+    """``(hlo_module, duration ns)`` of every event on a GPU plane's stream lines."""
+    events = []
+    for plane in profile.planes:
+        if "gpu" not in plane.name.lower():
+            continue
+        for line in plane.lines:
+            if not line.name.lower().startswith("stream"):
+                continue
+            for event in line.events:
+                stats = dict(event.stats) if event.stats is not None else {}
+                module = stats.get("hlo_module", "")
+                module = module.decode() if isinstance(module, bytes) else str(module)
+                events.append((module, float(event.duration_ns)))
+    return events
+
+
+def _device_seconds(functions: dict[str, tuple[Callable, tuple]], calls: int
+                    ) -> dict[str, float] | None:
+    """Per jitted function name, the summed GPU kernel time of one call, from one
+    ``jax.profiler`` trace of ``calls`` calls of each; None where the trace has no GPU
+    events or misses a function (a CPU, or a JAX without ``ProfileData``)."""
+    profile_data = getattr(jax.profiler, "ProfileData", None)
+    if profile_data is None or jax.default_backend() != "gpu":
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory):
+            for fn, args in functions.values():
+                jax.block_until_ready([fn(*args) for _ in range(calls)])
+        paths = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
+        if not paths:
+            return None
+        events = _gpu_stream_events(profile_data.from_file(paths[0]))
+    totals = {name: 0.0 for name in functions}
+    for module, nanoseconds in events:
+        name = module.removeprefix("jit_").split(".")[0]
+        if name in totals:
+            totals[name] += nanoseconds
+    if not all(totals.values()):
+        return None
+    return {name: total / calls / 1e9 for name, total in totals.items()}
+
+
+def _times(functions: dict[str, tuple[Callable, tuple]], calls: int, repeats: int
+           ) -> tuple[dict[str, float], str]:
+    """``(seconds per call by name, method)``: profiler device time, else wall time."""
+    for fn, args in functions.values():
+        jax.block_until_ready(fn(*args))  # compiled before any timing
+    try:
+        device = _device_seconds(functions, calls)
+    except Exception as error:  # noqa: BLE001 - any profiler trouble: fall back
+        print(f"profiler trace failed ({type(error).__name__}: {error}); wall time")
+        device = None
+    if device is not None:
+        return device, "profiler"
+    return {name: _seconds_per_call(fn, args, calls, repeats)
+            for name, (fn, args) in functions.items()}, "wall"
+
+
 def _relative_error(ours: jax.Array, theirs: jax.Array) -> float:
     """max |ours - theirs| / max(1, max |theirs|), in float64 on the host."""
     a, b = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
@@ -109,14 +176,15 @@ def _check_case(kind: str, shape: tuple[int, ...], groups: int, dtype_name: str,
     """Compiles, checks and times one case; returns its record."""
     args = _inputs(shape, DTYPES[dtype_name])
     record = _record(kind, shape, groups, dtype_name)
-    outputs = {}
+    outputs, functions = {}, {}
     for implementation in ("xla", "pallas"):
         forward, forward_backward = _functions(kind, groups, implementation)
         outputs[implementation] = jax.block_until_ready(forward_backward(*args))
-        record[f"{implementation}_fwd_us"] = 1e6 * _seconds_per_call(
-            forward, args[:3], calls, repeats)
-        record[f"{implementation}_fwdbwd_us"] = 1e6 * _seconds_per_call(
-            forward_backward, args, calls, repeats)
+        functions[f"check_{implementation}_fwd"] = (forward, args[:3])
+        functions[f"check_{implementation}_fwdbwd"] = (forward_backward, args)
+    seconds, record["timing"] = _times(functions, calls, repeats)
+    for name, value in seconds.items():
+        record[f"{name.removeprefix('check_')}_us"] = 1e6 * value
     names = ("y", "dx", "dscale", "dbias")
     errors = {n: _relative_error(p, x)
               for n, p, x in zip(names, outputs["pallas"], outputs["xla"])}
@@ -134,8 +202,12 @@ def _record(kind: str, shape: tuple[int, ...], groups: int, dtype_name: str
 def _copy_bandwidth(rows: int, features: int, dtype: Any, calls: int, repeats: int) -> float:
     """Bytes per second of ``y = x + 1`` (one read, one write) on a ``(rows, features)``."""
     x = jnp.ones((rows, features), dtype)
-    seconds = _seconds_per_call(jax.jit(lambda v: v + 1), (x,), calls, repeats)
-    return 2 * x.size * x.dtype.itemsize / seconds
+
+    def check_copy(v: jax.Array) -> jax.Array:
+        return v + 1
+
+    seconds, _ = _times({"check_copy": (jax.jit(check_copy), (x,))}, calls, repeats)
+    return 2 * x.size * x.dtype.itemsize / seconds["check_copy"]
 
 
 def _add_floors(record: dict[str, Any], bandwidth: dict[str, float]) -> None:
@@ -166,7 +238,8 @@ def _row(record: dict[str, Any]) -> str:
               for s in ("fwd", "fwdbwd")]
     worst = max(record["errors"].values())
     verdict = "ok" if record["ok"] else "BAD"
-    return f"{head} {' '.join(cells)}  {' '.join(floors)}  {worst:8.1e} {verdict}"
+    timing = record.get("timing", "")
+    return f"{head} {' '.join(cells)}  {' '.join(floors)}  {worst:8.1e} {verdict} {timing}"
 
 
 def _run_case(kind: str, shape: tuple[int, ...], groups: int, dtype_name: str, calls: int,
@@ -205,7 +278,7 @@ def _environment() -> dict[str, Any]:
     return {"jax": jax.__version__, "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind), "python": platform.python_version(),
             "pallas_backend": "triton (jax.experimental.pallas.triton); interpret off GPU",
-            "timing": "wall time of pipelined calls / calls, best of repeats"}
+            "timing": "per case: profiler (GPU kernel time) or wall (pipelined calls)"}
 
 
 def main(argv: list[str] | None = None) -> int:
