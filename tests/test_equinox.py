@@ -52,11 +52,17 @@ def normal(shape: tuple[int, ...], seed: int = 0, loc: float = 0.0,
     return jnp.asarray(rng.normal(loc, scale, size=shape), jnp.float32)
 
 
+@eqx.filter_jit
+def _mapped(layer, x, state, axis_name):
+    return jax.vmap(layer, in_axes=(0, None), out_axes=(0, None), axis_name=axis_name)(
+        x, state)
+
+
 def batched(layer, axis_name="batch"):
-    """``layer`` mapped over a batch, the state shared: Equinox's usage (compiled: one
-    unoptimized compile costs less than dispatching the normalization op by op)."""
-    return eqx.filter_jit(
-        jax.vmap(layer, in_axes=(0, None), out_axes=(0, None), axis_name=axis_name))
+    """``layer`` mapped over a batch, the state shared: Equinox's usage. Compiled once per
+    layer structure (an unoptimized compile costs less than running the normalization op
+    by op), the layer an argument, so repeated steps reuse the compile."""
+    return lambda x, state: _mapped(layer, x, state, axis_name)
 
 
 def close(a, b, atol: float = ATOL) -> None:
@@ -71,7 +77,8 @@ def same_trees(a, b, atol: float = ATOL) -> None:
     assert len(leaves_a) == len(leaves_b)
     for x, y in zip(leaves_a, leaves_b, strict=True):
         assert jnp.shape(x) == jnp.shape(y) and jnp.result_type(x) == jnp.result_type(y)
-        close(x, y, atol)
+        if np.isfinite(atol):  # atol=inf: the layout only
+            close(x, y, atol)
 
 
 def both(name: str, *args, **kwargs):
@@ -409,8 +416,8 @@ def test_masked_members_are_weighted_by_their_counts() -> None:
     x = normal((4, 2, 6), 3, loc=5.0)
     mask = jnp.arange(6)[None, None, :] < jnp.array([1, 2, 5, 6])[:, None, None]
     mask = jnp.broadcast_to(mask, x.shape)
-    y, state = jax.vmap(lambda x, m: ours(x, state, mask=m), out_axes=(0, None),
-                        axis_name="batch")(x, mask)
+    y, state = eqx.filter_jit(jax.vmap(lambda x, m: ours(x, state, mask=m),
+                                       out_axes=(0, None), axis_name="batch"))(x, mask)
     counted = [np.asarray(x)[:, c][np.asarray(mask)[:, c]] for c in range(2)]
     mean = np.array([v.mean() for v in counted])  # over the counted elements only
     var = np.array([v.var() for v in counted])
@@ -587,8 +594,9 @@ def test_ghost_batch_norm_normalizes_each_group_and_pools_the_running_stats() ->
     close(state.get(ghost.batch_state_index)[1], groups.var(axis=2).mean(axis=1), 1e-5)
     masked = jnp.ones_like(x, bool).at[:2].set(False)
     state = jax.tree.unflatten(*reversed(jax.tree.flatten(state)))  # a clone to reuse
-    y_masked, _ = jax.vmap(lambda x, m: ghost(x, jax.tree.map(jnp.copy, state), mask=m),
-                           out_axes=(0, None), axis_name="batch")(x, masked)
+    y_masked, _ = eqx.filter_jit(jax.vmap(
+        lambda x, m: ghost(x, jax.tree.map(jnp.copy, state), mask=m), out_axes=(0, None),
+        axis_name="batch"))(x, masked)
     first = np.asarray(x)[2:4]
     close(y_masked[2:4], (first - first.mean(axis=(0, 2))[:, None])
           / np.sqrt(first.var(axis=(0, 2))[:, None] + 1e-5), 1e-5)
