@@ -230,7 +230,7 @@ def _cpu_moments(x: jax.Array, axes: tuple[int, ...], raw: jax.Array | None = No
     unconverted ``x``) itself: a converted copy passed in would be stored full-size."""
     raw = x if raw is None else raw
     if axes == tuple(range(x.ndim - len(axes), x.ndim)):
-        return _refined_rows(x, axes, refine=jnp.dtype(raw.dtype).itemsize >= 4)
+        return _refined_rows(x, axes, refine=_needs_refinement(raw.dtype, x.shape, axes))
     count = element_count(x.shape, axes, None, x.dtype)
     safe_count = jnp.maximum(count, 1)  # empty sets: 0, not NaN
     mean = jnp.sum(x, axis=axes, keepdims=True) / safe_count
@@ -262,7 +262,9 @@ def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
         return _first_element_shifted(x, raw, axes)
 
     def gpu(x: jax.Array, raw: jax.Array) -> ShiftedMoments:
-        return _refined_rows(x, axes) if contiguous else _split_shifted(x, raw, axes)
+        if contiguous:
+            return _refined_rows(x, axes, refine=_needs_refinement(raw.dtype, x.shape, axes))
+        return _split_shifted(x, raw, axes)
 
     def tpu(x: jax.Array, raw: jax.Array) -> ShiftedMoments:
         if _group_channels(x.ndim, axes):
@@ -281,6 +283,19 @@ def _first_element_shifted(x: jax.Array, raw: jax.Array, axes: tuple[int, ...]
     unconverted ``x``) as the pivot: one fused pass, no branch."""
     pivot = _first_elements(raw, axes).astype(x.dtype)
     return _from_sums(pivot, *_shifted_sums(x, pivot, axes, None))
+
+
+def _needs_refinement(dtype: Any, shape: tuple[int, ...], axes: tuple[int, ...]) -> bool:
+    """Whether :func:`_refined_rows` must refine the mean: not for half-precision rows
+    short enough that float32 sums any constant row of them exactly (2**13 float16 or
+    2**16 bfloat16 values: 11 or 8 significant bits each, 24 in float32). Skipping it
+    also lets XLA:GPU fuse the rows' statistics and output into one kernel when the
+    parameters are half precision too (it does not with three row reductions)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    if itemsize >= 4:
+        return True
+    exact_rows = 2 ** (24 - jnp.finfo(dtype).nmant - 1)
+    return math.prod(shape[a] for a in axes) > exact_rows
 
 
 def _refined_rows(x: jax.Array, axes: tuple[int, ...], refine: bool = True
