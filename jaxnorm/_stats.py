@@ -458,15 +458,27 @@ def _gathered_across(moments: ShiftedMoments, axis_name: Any, axis_index_groups:
     r"""The statistics of the concatenated batch of every member of ``axis_name``: one
     ``all_gather`` of each member's :math:`(n, p, o, \sigma^2)`, then every member merges
     them locally in the same order (:func:`merge_members`), so all hold the same values.
-    Its derivative is one reduce-scatter."""
-    # every member (of a group) merges the same values: the result is invariant across
-    # the axis, as a psum's would be (shard_map's replication check)
+    Its derivative is one all-reduce. A tuple of ``vmap`` axis names is gathered one name
+    at a time (JAX's batching of a multi-name ``all_gather`` fails)."""
     stacked = _stacked(moments)
-    to = {"to": "invarying"} if _varying_in_shard_map(stacked, axis_name, axis_index_groups
-                                                       ) else {}
-    gathered = lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups, **to)
-    merged = merge_members(*(gathered[:, i] for i in range(4)), member_axes=(0,))
-    return ShiftedMoments(*(value[0] for value in merged))
+    names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+    if len(names) > 1 and axis_index_groups is None and not _varying_in_shard_map(
+            stacked, axis_name, None):
+        for name in reversed(names):  # the first name's members end up outermost
+            stacked = lax.all_gather(stacked, name)
+        members = tuple(range(len(names)))
+    else:
+        # every member (of a group) merges the same values: the result is invariant
+        # across the axis, as a psum's would be (shard_map's replication check)
+        to = {"to": "invarying"} if _varying_in_shard_map(stacked, axis_name,
+                                                           axis_index_groups) else {}
+        stacked = lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups,
+                                 **to)
+        members = (0,)
+    quantities = len(members)  # the axis of (count, pivot, offset, var)
+    merged = merge_members(*(lax.index_in_dim(stacked, i, quantities, keepdims=False)
+                             for i in range(4)), member_axes=members)
+    return ShiftedMoments(*(value.reshape(value.shape[len(members):]) for value in merged))
 
 
 def _sharded_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
