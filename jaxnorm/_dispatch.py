@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jaxnorm._affine import NormSpec, compute_dtype, scaled_rstd, standardize
 from jaxnorm._derivative import normalize_with_statistics
-from jaxnorm._sharding import sharded_reduction
+from jaxnorm._sharding import auto_batch_shards, sharded_reduction
 from jaxnorm._stats import element_count, moments_and_count
 
 Array = jax.Array
@@ -58,7 +58,8 @@ def normalize_over(
       without ``count``).
     """
     real = not jnp.iscomplexobj(x)
-    local = axis_name is None and not sharded_reduction(x, spec.reduction)
+    local = axis_name is None and not (sharded_reduction(x, spec.reduction)
+                                       or auto_batch_shards(x, spec.reduction))
     if mean is None and local and eps is None and real:
         y, mean, var = normalize_with_statistics(x, scale, bias, mask, spec)
         return y, mean, var, element_count(x.shape, spec.reduction, mask, mean.real.dtype)

@@ -43,3 +43,22 @@ def sharded_reduction(x: jax.Array, axes: tuple[int, ...]) -> dict[int, int]:
     """The reduction ``axes`` of ``x`` that are explicitly sharded, with their shard
     counts (:func:`explicit_shards`)."""
     return {a: n for a, n in explicit_shards(x).items() if a in axes}
+
+
+def auto_batch_shards(x: jax.Array, axes: tuple[int, ...]) -> dict[int, int]:
+    """``{0: k}`` when ``x``'s reduction sets span its leading (batch) axis inside
+    ``jax.set_mesh`` of a mesh with Auto axes and ``k = `` its device count > 1 divides the
+    batch: the batch then splits into ``k`` members, each within one device's shard if
+    the partitioner shards the batch over any of those axes; else empty."""
+    if not axes or axes[0] != 0 or explicit_shards(x):
+        return {}
+    try:
+        mesh = jax.sharding.get_abstract_mesh()
+        auto = [size for size, kind in zip(mesh.axis_sizes, mesh.axis_types, strict=True)
+                if kind == jax.sharding.AxisType.Auto]
+    except (AttributeError, TypeError, ValueError):
+        return {}
+    members = math.prod(auto)
+    if members <= 1 or x.shape[0] % members or x.shape[0] == members and len(axes) == 1:
+        return {}
+    return {0: members}

@@ -49,7 +49,7 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from jaxnorm._axes import Axes, broadcast_mask, canonicalize_axes, check_floating
-from jaxnorm._sharding import explicit_shards, sharded_reduction
+from jaxnorm._sharding import auto_batch_shards, explicit_shards, sharded_reduction
 
 
 def statistics_dtype(dtype: Any) -> jnp.dtype:
@@ -482,13 +482,15 @@ def _gathered_across(moments: ShiftedMoments, axis_name: Any, axis_index_groups:
 
 
 def _sharded_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
-                     shards: dict[int, int]) -> ShiftedMoments:
+                     shards: dict[int, int], explicit: bool = True) -> ShiftedMoments:
     """Sets that span explicitly sharded axes (:mod:`jaxnorm._sharding`): each such axis
     viewed as ``(shards, rest)`` (the only split defined on it), every shard's moments
     over ``rest`` and the other axes (the shifted single pass with the shard's first
     element as pivot, :func:`_first_element_shifted`; two passes under a mask), gathered
     (one all-gather of ``4 x shards`` values per set) and merged exactly
-    (:func:`merge_members`)."""
+    (:func:`merge_members`). ``explicit=False``: ``shards`` are the members of an Auto
+    mesh's batch (:func:`jaxnorm._sharding.auto_batch_shards`), gathered by a sharding
+    constraint."""
     view, inner, members, spec = [], [], [], []
     x_spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
     for axis, size in enumerate(x.shape):
@@ -508,7 +510,12 @@ def _sharded_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None
         local = _first_element_shifted(converted, raw, tuple(inner))
     else:
         local = _two_pass(converted, tuple(inner), mask.reshape(view))
-    gathered = jax.sharding.reshard(_stacked(local), PartitionSpec(None, *spec))
+    if explicit:
+        gathered = jax.sharding.reshard(_stacked(local), PartitionSpec(None, *spec))
+    else:  # Auto axes: replicate the members' moments, leave the rest to the partitioner
+        spec = [None if axis in members or axis in inner else PartitionSpec.UNCONSTRAINED
+                for axis in range(len(view))]
+        gathered = lax.with_sharding_constraint(_stacked(local), PartitionSpec(None, *spec))
     merged = merge_members(*(gathered[i] for i in range(4)), member_axes=tuple(members))
     keepdims = _keepdims_shape(x.shape, axes)
     return ShiftedMoments(*(value.reshape(keepdims) for value in merged))
@@ -522,16 +529,16 @@ def shifted_moments(
     r"""The statistics of a floating ``x`` (summed in at least float32), with canonical
     ``axes`` and a full-shape boolean ``mask`` (module docstring).
 
-    Sets that span an explicitly sharded axis: the shards' moments merged
-    (:func:`_sharded_moments`). Across ``axis_name``: each member's own stable statistics,
+    Sets that span an explicitly sharded axis, or the batch under an Auto mesh: the
+    shards' (members') moments merged (:func:`_sharded_moments`). Across ``axis_name``: each member's own stable statistics,
     one ``all_gather`` and a local exact merge (:func:`_gathered_across`), stable from the
     first step whatever the offset. ``centered=False`` gives mean 0 and :math:`E[x^2]`;
     ``fast_variance`` Flax's unshifted one-pass formula; both one ``psum``."""
     raw, x = x, x.astype(statistics_dtype(x.dtype))
     if centered and not fast_variance:
-        shards = sharded_reduction(x, axes)
-        if shards:
-            local = _sharded_moments(raw, axes, mask, shards)
+        shards, auto = sharded_reduction(x, axes), auto_batch_shards(x, axes)
+        if shards or auto:
+            local = _sharded_moments(raw, axes, mask, shards or auto, explicit=bool(shards))
         else:
             local = local_moments(raw, axes, mask, single_pass)
         if axis_name is None:

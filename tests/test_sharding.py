@@ -125,11 +125,12 @@ def test_sharded_nnx_batch_norm_equals_flax(axis_type):
                                **TOLERANCE)
 
 
+@pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("spec", [P("d"), P(None, "d")], ids=["batch", "spatial"])
-def test_sharded_sets_keep_two_pass_accuracy_at_a_large_offset(spec):
+def test_sharded_sets_keep_two_pass_accuracy_at_a_large_offset(spec, axis_type):
     # |mean| / std = 1e4 in float32: the one-pass formula would lose every digit
     x, _ = _data(offset=1e4, scale=1.0)
-    _, mean, var = _sharded(lambda x: jaxnorm.batch_norm(x), AxisType.Explicit, (spec,), x)
+    _, mean, var = _sharded(lambda x: jaxnorm.batch_norm(x), axis_type, (spec,), x)
     x64 = x.astype(np.float64)
     np.testing.assert_allclose(mean, x64.mean((0, 1, 2)), rtol=1e-7)
     np.testing.assert_allclose(var, x64.var((0, 1, 2)), rtol=1e-3)
@@ -230,9 +231,12 @@ def test_synchronized_batch_norm_costs_one_collective_each_way():
     assert sum(_collectives(both_hlo).values()) == 2
 
 
-def test_gspmd_batch_norm_on_an_explicit_mesh_costs_one_collective_each_way():
+@pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda t: t.name)
+def test_gspmd_batch_norm_costs_one_collective_each_way(axis_type):
+    # Explicit: the sharded batch viewed as (shards, rest); Auto (under jax.set_mesh): the
+    # batch cut into one member per device; both gather the members' moments once
     x, cotangent = _data()
-    mesh = _mesh(AxisType.Explicit)
+    mesh = _mesh(axis_type)
 
     def forward(x):
         return jaxnorm.batch_norm(x)[0]
