@@ -146,7 +146,12 @@ def test_data_parallel_step_with_synchronized_batch_norm_equals_the_one_device_s
     # one AdamW step on 64 images sharded over 2 devices: BatchNorm(axis_name="data") sees
     # the statistics of all 64, and the averaged gradients are those of the whole batch
     images, labels = digits.train_images[:64], digits.train_labels[:64]
-    optimizer = optax.adamw(1e-2)
+    # Adam's first step moves each weight by lr * g / (|g| + eps): with the default eps
+    # (1e-8) a weight whose gradient is ~1e-8 moves by a fraction of lr set by the
+    # round-off of g, so two float32 summation orders can differ there by ~lr. eps = 1e-3
+    # keeps the step well-conditioned (round-off of g moves it by < 1e-6) while a wrong
+    # gradient still shows at full size.
+    optimizer = optax.adamw(1e-2, eps=1e-3)
     model = models.build_model("resnet", "batch")
 
     def initialize(key: jax.Array) -> tuple:
