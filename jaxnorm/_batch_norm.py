@@ -39,6 +39,7 @@ from jaxnorm._axes import (
 from jaxnorm._dispatch import normalize_over
 from jaxnorm._normalize import feature_parameters, static_eps
 from jaxnorm._running import BatchMoments
+from jaxnorm._sharding import explicit_shards
 from jaxnorm._stats import moments_and_count
 
 Array = jax.Array
@@ -86,6 +87,13 @@ def _group(
         raise ValueError(
             f"virtual_batch_size={size!r} must be a positive int dividing the batch size "
             f"{x.shape[0]}"
+        )
+    shards = explicit_shards(x).get(0, 1)
+    if (x.shape[0] // shards) % size:
+        raise ValueError(
+            f"virtual_batch_size={size!r} must divide the {x.shape[0] // shards} examples each "
+            f"of the {shards} shards of the explicitly sharded batch holds: a ghost batch "
+            "spanning devices would need their data moved"
         )
     shape = (x.shape[0] // size, size) + x.shape[1:]
     grouped_features = (0,) + tuple(a + 1 for a in features)

@@ -250,3 +250,24 @@ def test_gspmd_batch_norm_costs_one_collective_each_way(axis_type):
         both_hlo = jax.jit(backward).lower(xs, cs).compile().as_text()
     assert sum(_collectives(forward_hlo).values()) == 1
     assert sum(_collectives(both_hlo).values()) == 2
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda t: t.name)
+def test_sharded_ghost_batches_and_renorm_equal_the_unsharded_layers(axis_type):
+    x, cotangent = _data()
+    for module in (jaxnorm.linen.BatchNorm(use_running_average=False, virtual_batch_size=2),
+                   jaxnorm.linen.BatchRenorm(use_running_average=False)):
+        variables = module.init(jax.random.key(0), x)
+        replicated = jax.tree.map(lambda _: P(), variables, is_leaf=lambda v: v is None)
+        sharded = _sharded(_step(module), axis_type, (replicated, P("d"), P("d")),
+                           variables, x, cotangent)
+        unsharded = jax.device_get(jax.jit(_step(module))(variables, x, cotangent))
+        _assert_trees_close(sharded, unsharded, **TOLERANCE)
+
+
+def test_ghost_batch_spanning_shards_is_a_clear_error():
+    # 16 examples over 8 shards: 2 per shard, a ghost batch of 4 would span two devices
+    x, _ = _data()
+    with pytest.raises(ValueError, match="virtual_batch_size=4 must divide the 2 examples"):
+        _sharded(lambda x: jaxnorm.batch_norm(x, virtual_batch_size=4), AxisType.Explicit,
+                 (P("d"),), x)
