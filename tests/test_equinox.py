@@ -288,6 +288,34 @@ def test_spectral_norm_divides_by_the_top_singular_value() -> None:
         jeq.SpectralNorm(eqx.nn.Linear(3, 4, key=KEY), "bias", key=KEY)
 
 
+def _scaled_weight(layer, scale: float):
+    return eqx.tree_at(lambda m: (m.weight, m.bias), layer,
+                       (layer.weight * scale, jnp.zeros_like(layer.bias)))
+
+
+def test_spectral_and_weight_norm_are_scale_invariant_as_equinox() -> None:
+    """Small weights (spectral norm ~1e-6): Equinox floors the norms at eps
+    (max(norm, eps)), exact down to 1e-12; an eps added to the squared norm distorts
+    the normalized weight once the squared norm nears 1e-12 (scale 1e-5: 2e-2 off)."""
+    x = normal((6,), 2)
+    for scale in (1e-5, 1e-6):
+        layer = _scaled_weight(eqx.nn.Linear(6, 4, key=KEY), scale)
+        (theirs, st), (ours, so) = both_with_state("SpectralNorm", layer, "weight",
+                                                   key=jax.random.key(1))
+        y_theirs, _ = theirs(x, st)
+        y_ours, so = ours(x, so)
+        close(y_ours, y_theirs, 1e-5)
+        weight = jax.vmap(ours, in_axes=(0, None), out_axes=(0, None))(jnp.eye(6), so)[0].T
+        close(np.linalg.svd(np.asarray(weight), compute_uv=False)[0], 1.0, 1e-4)
+        for axis in (0, None):
+            theirs_wn, ours_wn = both("WeightNorm", layer, axis=axis)
+            scaled = lambda m: eqx.tree_at(lambda m: m.g, m, m.g / scale)  # noqa: E731
+            close(scaled(ours_wn)(x), scaled(theirs_wn)(x), 1e-5)
+    zero = eqx.tree_at(lambda m: m.weight, eqx.nn.Linear(3, 2, key=KEY), jnp.zeros((2, 3)))
+    grads = eqx.filter_grad(lambda m: jnp.sum(m(jnp.ones(3))))(jeq.WeightNorm(zero))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
 @pytest.mark.parametrize("axis", [0, None, 1])
 def test_weight_norm_matches_equinox(axis) -> None:
     for layer in (eqx.nn.Linear(5, 4, key=KEY), eqx.nn.Conv1d(3, 4, 3, key=KEY)):

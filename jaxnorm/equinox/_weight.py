@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import jax.random as jr
 from jax import lax
 
-import jaxnorm
 from jaxnorm.equinox._common import resolve_inference
 
 Array = jax.Array
@@ -23,6 +22,23 @@ _INITIAL_ITERATIONS = 15  # power-iteration steps at construction, as Equinox
 def _replaced(layer: Layer, name: str, weight: Array) -> Layer:
     """A copy of ``layer`` whose ``name`` attribute is ``weight``."""
     return eqx.tree_at(lambda module: getattr(module, name), layer, weight)
+
+
+def _unit(vector: Array, eps: float) -> Array:
+    r""":math:`x/\max(\lVert x\rVert, \epsilon)`, Equinox's normalization: exact for any
+    norm above :math:`\epsilon` (an :math:`\epsilon` added to the squared norm would
+    distort norms near :math:`\sqrt\epsilon`, i.e. weights of scale ~1e-6)."""
+    return vector / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(vector))), eps)
+
+
+def _power_iteration(matrix: Array, v: Array, eps: float, n_steps: int) -> tuple[Array, Array]:
+    r"""``n_steps`` of :math:`u \leftarrow \widehat{Wv}`, :math:`v \leftarrow
+    \widehat{W^\top u}` (as ``equinox.nn.SpectralNorm``); returns ``(u, v)``."""
+    u = jnp.zeros(matrix.shape[:1], matrix.dtype)
+    for _ in range(n_steps):
+        u = _unit(matrix @ v, eps)
+        v = _unit(matrix.T @ u, eps)
+    return u, v
 
 
 def _as_matrix(weight: Array) -> Array:
@@ -37,13 +53,12 @@ class SpectralNorm(eqx.nn.StatefulLayer, Generic[Layer]):
     ``equinox.nn.SpectralNorm``: the wrapped layer runs with :math:`W/\sigma(W)`,
     :math:`\sigma = u^\top W v` from power iteration on the persistent pair
     :math:`(u, v)` in the state (:math:`u \leftarrow \widehat{Wv}`,
-    :math:`v \leftarrow \widehat{W^\top u}`, :func:`jaxnorm.power_iteration` with the
-    input-side vector persistent), advanced ``num_power_iterations`` steps per training
+    :math:`v \leftarrow \widehat{W^\top u}`), advanced ``num_power_iterations`` steps per training
     call and frozen in inference; :math:`u, v` carry no gradient.
 
-    Norms are :math:`\sqrt{\sum x_i^2 + \epsilon}` (Equinox: :math:`\max(\lVert x\rVert,
-    \epsilon)`; equal to round-off for the default :math:`\epsilon = 10^{-12}`). A zero
-    :math:`\sigma` leaves :math:`W` unchanged (Equinox divides by it).
+    Vectors are normalized as :math:`x/\max(\lVert x\rVert, \epsilon)`, as Equinox, so
+    the result does not depend on the weight's scale. A zero :math:`\sigma` leaves
+    :math:`W` unchanged (Equinox divides by it).
 
     Args:
       layer: the layer to wrap, e.g. an ``eqx.nn.Linear`` or ``eqx.nn.Conv2d``.
@@ -74,7 +89,7 @@ class SpectralNorm(eqx.nn.StatefulLayer, Generic[Layer]):
         matrix = _as_matrix(getattr(layer, weight_name))
         _, v_key = jr.split(key)
         v = jr.normal(v_key, matrix.shape[1:], matrix.dtype)
-        v, u = jaxnorm.power_iteration(matrix, v, n_steps=_INITIAL_ITERATIONS, eps=eps)
+        u, v = _power_iteration(matrix, v, eps, _INITIAL_ITERATIONS)
         self.uv_index = eqx.nn.StateIndex((u, v))
 
     def __call__(
@@ -96,35 +111,39 @@ class SpectralNorm(eqx.nn.StatefulLayer, Generic[Layer]):
         matrix = _as_matrix(weight)
         u, v = state.get(self.uv_index)
         if not resolve_inference(self.inference, inference) and self.num_power_iterations:
-            v, u = jaxnorm.power_iteration(lax.stop_gradient(matrix), v, eps=self.eps,
-                                           n_steps=self.num_power_iterations)
+            u, v = _power_iteration(lax.stop_gradient(matrix), v, self.eps,
+                                    self.num_power_iterations)
             state = state.set(self.uv_index, (u, v))
         sigma = u @ matrix @ v
         normalized = (matrix / jnp.where(sigma != 0, sigma, 1)).reshape(weight.shape)
         return _replaced(self.layer, self.weight_name, normalized)(x), state
 
 
-def _magnitude(weight: Array, axis: int | None) -> Array:
-    r""":math:`\lVert v\rVert` over every axis except ``axis`` (all with None), kept dims."""
+def _magnitude(weight: Array, axis: int | None, eps: float = 0.0) -> Array:
+    r""":math:`\max(\lVert v\rVert, \epsilon)` over every axis except ``axis`` (all with
+    None), kept dims, in at least float32; the floor applied to the squared norm, so the
+    gradient stays finite at a zero direction."""
     other = tuple(a for a in range(weight.ndim) if axis is None or a != axis % weight.ndim)
-    return jnp.sqrt(jnp.sum(jnp.square(weight), axis=other, keepdims=True))
+    compute = jnp.promote_types(weight.dtype, jnp.float32)
+    squared = jnp.sum(jnp.square(weight.astype(compute)), axis=other, keepdims=True)
+    return jnp.sqrt(jnp.maximum(squared, jnp.asarray(eps, compute) ** 2))
 
 
 class WeightNorm(eqx.Module, Generic[Layer]):
     r"""Weight normalization (Salimans & Kingma 2016), a drop-in for
     ``equinox.nn.WeightNorm``: the wrapped layer runs with
-    :math:`w = g\,v/\sqrt{\sum_{i\in R} v_i^2 + \epsilon}`, :math:`v` the layer's weight
+    :math:`w = g\,v/\max(\lVert v\rVert_R, \epsilon)`, :math:`v` the layer's weight
     (the direction), :math:`g` the learned magnitude (initially :math:`\lVert v\rVert`) and
-    :math:`R` every axis except ``axis`` (:func:`jaxnorm.weight_norm`). Equinox has no
-    :math:`\epsilon`; the default :math:`10^{-12}` changes nothing above round-off but
-    keeps a zero direction finite.
+    :math:`\lVert\cdot\rVert_R` the norm over every axis except ``axis``. Equinox has no
+    :math:`\epsilon`; the floor (default :math:`10^{-12}`) changes nothing for any norm
+    above it, at any weight scale, but keeps a zero direction (and its gradient) finite.
 
     Args:
       layer: the layer to wrap, e.g. an ``eqx.nn.Linear`` or ``eqx.nn.Conv2d``.
       weight_name: the name of the layer's weight.
       axis: the output axis, one norm per index of it; None for one norm over the whole
         weight.
-      eps: :math:`\epsilon` (beyond Equinox).
+      eps: :math:`\epsilon`, the floor of the norm (beyond Equinox).
 
     Attributes:
       g: the magnitude, shaped as the weight with size 1 on every reduced axis.
@@ -139,7 +158,8 @@ class WeightNorm(eqx.Module, Generic[Layer]):
     def __init__(self, layer: Layer, weight_name: str = "weight", axis: int | None = 0,
                  *, eps: float = 1e-12) -> None:
         self.layer, self.weight_name, self.axis, self.eps = layer, weight_name, axis, eps
-        self.g = _magnitude(getattr(layer, weight_name), axis)
+        weight = getattr(layer, weight_name)
+        self.g = _magnitude(weight, axis).astype(weight.dtype)
 
     def __call__(self, x: Array, *, key: Any = None) -> Array:
         """Calls the wrapped layer with the weight-normalized weight.
@@ -153,5 +173,6 @@ class WeightNorm(eqx.Module, Generic[Layer]):
         """
         del key
         v = getattr(self.layer, self.weight_name)
-        w = jaxnorm.weight_norm(v, self.g, feature_axes=self.axis, eps=self.eps)
+        w = (v * (self.g / _magnitude(v, self.axis, self.eps))).astype(
+            jnp.result_type(v, self.g))
         return _replaced(self.layer, self.weight_name, w)(x)
