@@ -733,3 +733,16 @@ def test_digits_resnet_trains_to_the_same_accuracy_with_both_libraries() -> None
     accuracies = [r["test_accuracy"] for r in results]
     assert min(accuracies) > 0.9
     assert abs(accuracies[0] - accuracies[1]) <= 0.02
+
+
+def test_stateless_layers_follow_equinox_optional_state_rule():
+    # Equinox: y when no state is passed, (y, state) for any passed value, None included
+    x = jnp.linspace(-1.0, 2.0, 12).reshape(4, 3)
+    for ours, theirs in ((jeq.LayerNorm((4, 3)), eqx.nn.LayerNorm((4, 3))),
+                         (jeq.RMSNorm((4, 3)), eqx.nn.RMSNorm((4, 3))),
+                         (jeq.GroupNorm(2, 4), eqx.nn.GroupNorm(2, 4))):
+        for args in ((), (None,)):
+            mine, reference = ours(x, *args), theirs(x, *args)
+            assert type(mine) is type(reference)
+            np.testing.assert_allclose(np.asarray(jax.tree.leaves(mine)[0]),
+                                       np.asarray(jax.tree.leaves(reference)[0]), atol=1e-6)

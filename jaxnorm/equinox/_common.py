@@ -12,6 +12,23 @@ Array = jax.Array
 AxisName = Hashable | Sequence[Hashable]
 
 
+class _NoState:
+    """The default of a stateless layer's ``state`` argument: not passed (Equinox's
+    optional-state rule returns ``y`` then, and ``(y, state)`` for any passed value, ``None``
+    included)."""
+
+    def __repr__(self) -> str:
+        return "NO_STATE"
+
+
+NO_STATE: Any = _NoState()
+
+
+def with_state(y: Array, state: Any) -> Any:
+    """``y``, or ``(y, state)`` when a state was passed (``None`` included, as Equinox)."""
+    return y if state is NO_STATE else (y, state)
+
+
 def default_dtype(dtype: Any) -> Any:
     """``dtype``, or Equinox's default floating dtype (float64 with ``jax_enable_x64``)."""
     return jax.dtypes.canonicalize_dtype(jnp.float64) if dtype is None else dtype

@@ -14,11 +14,13 @@ from jax import lax
 
 import jaxnorm
 from jaxnorm.equinox._common import (
+    NO_STATE,
     AxisName,
     check_channels,
     ones_and_zeros,
     resolve_inference,
     static_axis_name,
+    with_state,
 )
 
 Array = jax.Array
@@ -104,7 +106,7 @@ class InstanceNorm(eqx.nn.StatefulLayer):
         return self.track_running_stats
 
     def __call__(
-        self, x: Array, state: eqx.nn.State | None = None, *, key: Any = None,
+        self, x: Array, state: eqx.nn.State | None = NO_STATE, *, key: Any = None,
         inference: bool | None = None, mask: Array | None = None,
     ) -> Array | tuple[Array, eqx.nn.State]:
         """Normalizes one example per channel.
@@ -125,8 +127,8 @@ class InstanceNorm(eqx.nn.StatefulLayer):
         if not self.track_running_stats:
             y = jaxnorm.instance_norm(x[None], self.weight, self.bias, feature_axes=1,
                                       eps=self.eps, mask=_batch_of_one(mask, x.shape))[0]
-            return y if state is None else (y, state)
-        if state is None:
+            return with_state(y, state)
+        if state is None or state is NO_STATE:
             raise ValueError("InstanceNorm(track_running_stats=True) needs a state")
         mean, var = state.get(self.state_index)
         if resolve_inference(self.inference, inference):

@@ -17,17 +17,14 @@ import jax
 
 import jaxnorm
 from jaxnorm.equinox._common import (
+    NO_STATE,
     check_input_shape,
     default_dtype,
     ones_and_zeros,
+    with_state,
 )
 
 Array = jax.Array
-
-
-def _with_state(y: Array, state: eqx.nn.State | None) -> Array | tuple[Array, eqx.nn.State]:
-    """``y``, or ``(y, state)`` when a state was passed (Equinox's optional-state rule)."""
-    return y if state is None else (y, state)
 
 
 def _shape_tuple(shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -74,7 +71,7 @@ class LayerNorm(eqx.Module):
         self.weight, self.bias = ones_and_zeros(self.shape, dtype, use_weight, use_bias)
 
     def __call__(
-        self, x: Array, state: eqx.nn.State | None = None, *, key: Any = None,
+        self, x: Array, state: eqx.nn.State | None = NO_STATE, *, key: Any = None,
         mask: Array | None = None,
     ) -> Array | tuple[Array, eqx.nn.State]:
         """Normalizes one example.
@@ -94,7 +91,7 @@ class LayerNorm(eqx.Module):
         axes = tuple(range(x.ndim))
         y = jaxnorm.layer_norm(x, self.weight, self.bias, reduction_axes=axes,
                                feature_axes=axes, eps=self.eps, mask=mask, dtype=x.dtype)
-        return _with_state(y, state)
+        return with_state(y, state)
 
 
 class RMSNorm(eqx.Module):
@@ -133,7 +130,7 @@ class RMSNorm(eqx.Module):
             self.shape, default_dtype(dtype), use_weight, use_bias)
 
     def __call__(
-        self, x: Array, state: eqx.nn.State | None = None, *, key: Any = None,
+        self, x: Array, state: eqx.nn.State | None = NO_STATE, *, key: Any = None,
         mask: Array | None = None,
     ) -> Array | tuple[Array, eqx.nn.State]:
         """Normalizes one example by its root mean square.
@@ -153,7 +150,7 @@ class RMSNorm(eqx.Module):
         axes = tuple(range(x.ndim))
         y = jaxnorm.rms_norm(x, self.weight, self.bias, reduction_axes=axes,
                              feature_axes=axes, eps=self.eps, mask=mask, dtype=x.dtype)
-        return _with_state(y, state)
+        return with_state(y, state)
 
 
 class GroupNorm(eqx.Module):
@@ -198,7 +195,7 @@ class GroupNorm(eqx.Module):
             shape, dtype, channelwise_affine, channelwise_affine)
 
     def __call__(
-        self, x: Array, state: eqx.nn.State | None = None, *, key: Any = None,
+        self, x: Array, state: eqx.nn.State | None = NO_STATE, *, key: Any = None,
         mask: Array | None = None,
     ) -> Array | tuple[Array, eqx.nn.State]:
         """Normalizes one example per group of channels.
@@ -218,4 +215,4 @@ class GroupNorm(eqx.Module):
         y = jaxnorm.group_norm(x[None], self.weight, self.bias, num_groups=self.groups,
                                feature_axis=1, eps=self.eps, mask=batched_mask,
                                dtype=x.dtype)
-        return _with_state(y[0], state)
+        return with_state(y[0], state)
