@@ -481,6 +481,15 @@ def _gathered_across(moments: ShiftedMoments, axis_name: Any, axis_index_groups:
     return ShiftedMoments(*(value.reshape(value.shape[len(members):]) for value in merged))
 
 
+def _split_shards(x: jax.Array, shards: dict[int, int]) -> jax.Array:
+    """``x`` with each axis of ``shards`` split as ``(shards, rest)``, one axis per reshape
+    (the split an explicitly sharded axis defines; two at once are not)."""
+    for axis in sorted(shards, reverse=True):  # from the last, so earlier axes keep place
+        size = x.shape[axis]
+        x = x.reshape(x.shape[:axis] + (shards[axis], size // shards[axis]) + x.shape[axis + 1:])
+    return x
+
+
 def _sharded_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
                      shards: dict[int, int], explicit: bool = True) -> ShiftedMoments:
     """Sets that span explicitly sharded axes (:mod:`jaxnorm._sharding`): each such axis
@@ -504,12 +513,12 @@ def _sharded_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None
                 inner.append(len(view))
             view.append(size)
             spec.append(None if axis in axes else x_spec[axis])
-    raw = x.reshape(view)
+    raw = _split_shards(x, shards)
     converted = raw.astype(statistics_dtype(raw.dtype))
     if mask is None:  # no branch: a lax.cond's predicate would be one more collective
         local = _first_element_shifted(converted, raw, tuple(inner))
     else:
-        local = _two_pass(converted, tuple(inner), mask.reshape(view))
+        local = _two_pass(converted, tuple(inner), _split_shards(mask, shards))
     if explicit:
         gathered = jax.sharding.reshard(_stacked(local), PartitionSpec(None, *spec))
     else:  # Auto axes: replicate the members' moments, leave the rest to the partitioner

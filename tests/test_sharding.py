@@ -271,3 +271,24 @@ def test_ghost_batch_spanning_shards_is_a_clear_error():
     with pytest.raises(ValueError, match="virtual_batch_size=4 must divide the 2 examples"):
         _sharded(lambda x: jaxnorm.batch_norm(x, virtual_batch_size=4), AxisType.Explicit,
                  (P("d"),), x)
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("spec", [P("data", "model"), P("data", None, None, "model"),
+                                  P(("data", "model"))], ids=["batch-rows", "batch-channels",
+                                                              "batch-both-axes"])
+def test_two_dimensional_mesh_shardings_equal_the_unsharded_layers(spec, axis_type):
+    # two sharded reduction axes at once (batch over "data", rows over "model"), a sharded
+    # kept axis (channels), and the batch over both mesh axes
+    x, cotangent = _data()
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type, axis_type))
+    for layer in (lambda x: jaxnorm.batch_norm(x)[0],
+                  lambda x: jaxnorm.group_norm(x, num_groups=4)):
+        def step(x, cotangent, layer=layer):
+            y, pullback = jax.vjp(layer, x)
+            return y, pullback(cotangent)[0]
+
+        with jax.set_mesh(mesh):
+            placed = [jax.device_put(a, NamedSharding(mesh, spec)) for a in (x, cotangent)]
+            sharded = jax.device_get(jax.jit(step)(*placed))
+        _assert_trees_close(sharded, jax.device_get(jax.jit(step)(x, cotangent)), **TOLERANCE)
