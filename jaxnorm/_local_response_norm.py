@@ -5,11 +5,20 @@ from __future__ import annotations
 import jax
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from jaxnorm._axes import canonicalize_axis, check_floating
+from jaxnorm._sharding import explicit_shards
 from jaxnorm._stats import statistics_dtype
 
 Array = jax.Array
+
+
+def _unsharded(spec: PartitionSpec, axis: int, ndim: int) -> PartitionSpec:
+    """``spec`` (padded to ``ndim`` entries) with ``axis`` not sharded."""
+    entries = list(tuple(spec) + (None,) * (ndim - len(tuple(spec))))
+    entries[axis] = None
+    return PartitionSpec(*entries)
 
 
 def local_response_norm(
@@ -25,6 +34,8 @@ def local_response_norm(
 
     :math:`b_c = a_c\,(k + \tfrac{\alpha}{n}\sum_{c' = c - \lfloor n/2 \rfloor}^{c +
     \lfloor (n-1)/2 \rfloor} a_{c'}^2)^{-\beta}`, zero-padded, as ``torch.nn.LocalResponseNorm``.
+    With the channel axis explicitly sharded, the squares are gathered along it for the
+    window (one all-gather); other sharded axes need nothing.
 
     Args:
       x: floating input.
@@ -54,8 +65,14 @@ def local_response_norm(
     window[axis] = size
     padding = [(0, 0)] * x.ndim
     padding[axis] = (size // 2, (size - 1) // 2)
+    squares = xc * xc
+    sharding = jax.typeof(xc).sharding if axis in explicit_shards(xc) else None
+    if sharding is not None:  # a window across shards: gather the channels for it
+        squares = jax.sharding.reshard(squares, _unsharded(sharding.spec, axis, x.ndim))
     square_sum = lax.reduce_window(
-        xc * xc, 0.0, lax.add, window, [1] * x.ndim, padding  # a Python 0 keeps jit'd grad-of-grad
+        squares, 0.0, lax.add, window, [1] * x.ndim, padding  # a Python 0 keeps jit'd grad-of-grad
     )
+    if sharding is not None:
+        square_sum = jax.sharding.reshard(square_sum, sharding.spec)
     denominator = k + (alpha / size) * square_sum
     return (xc * denominator ** (-beta)).astype(x.dtype)

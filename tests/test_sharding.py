@@ -292,3 +292,30 @@ def test_two_dimensional_mesh_shardings_equal_the_unsharded_layers(spec, axis_ty
             placed = [jax.device_put(a, NamedSharding(mesh, spec)) for a in (x, cotangent)]
             sharded = jax.device_get(jax.jit(step)(*placed))
         _assert_trees_close(sharded, jax.device_get(jax.jit(step)(x, cotangent)), **TOLERANCE)
+
+
+STYLE_IDS = np.arange(16) % 3
+OTHER_LAYERS = [
+    ("local_response_norm", lambda: jaxnorm.linen.LocalResponseNorm(), lambda x: (x,)),
+    ("adaptive_instance_norm", lambda: jaxnorm.linen.AdaptiveInstanceNorm(),
+     lambda x: (x, 2 * x[::-1] + 1)),
+    ("conditional_instance_norm", lambda: jaxnorm.linen.ConditionalInstanceNorm(num_styles=3),
+     lambda x: (x, jnp.asarray(STYLE_IDS))),
+]
+
+
+@pytest.mark.parametrize("spec", [P("d"), P(None, "d"), P(None, None, None, "d")],
+                         ids=["batch", "spatial", "channels"])
+@pytest.mark.parametrize("name,make,arguments", OTHER_LAYERS, ids=[c[0] for c in OTHER_LAYERS])
+def test_other_layers_sharded_on_an_explicit_mesh_equal_the_unsharded_layers(
+        name, make, arguments, spec):
+    x, cotangent = _data()
+    module = make()
+    variables = module.init(jax.random.key(0), *arguments(x))
+
+    def step(x, cotangent):
+        y, pullback = jax.vjp(lambda x: module.apply(variables, *arguments(x)), x)
+        return y, pullback(cotangent)[0]
+
+    sharded = _sharded(step, AxisType.Explicit, (spec, spec), x, cotangent)
+    _assert_trees_close(sharded, jax.device_get(jax.jit(step)(x, cotangent)), **TOLERANCE)
