@@ -117,7 +117,21 @@ def group_norm(
             dtype=dtype,
             channels_last=axis == x.ndim - 1 and reduction == tuple(range(1, x.ndim)),
         )
-    mask = broadcast_mask(mask, x.shape)
+    return _normalize_groups(
+        x, scale, bias, axis, reduction, groups, eps=eps, mask=mask, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, dtype=dtype, fast_variance=fast_variance,
+    )
+
+
+def _normalize_groups(
+    x: Array, scale: Array | None, bias: Array | None, axis: int,
+    reduction: tuple[int, ...], groups: int, **options: Any,
+) -> Array:
+    """:func:`group_norm` on the XLA path: the channel axis viewed as ``(groups, channels
+    per group)`` and normalized by :func:`jaxnorm.normalize` over the grouped reduction
+    (``options``: its keyword arguments)."""
+    channels = x.shape[axis]
+    mask = broadcast_mask(options.pop("mask"), x.shape)
     grouped_shape = x.shape[:axis] + (groups, channels // groups) + x.shape[axis + 1 :]
 
     def grouped(value: Array | None, shape: tuple[int, ...]) -> Array | None:
@@ -128,8 +142,6 @@ def group_norm(
                    for p, name in ((scale, "scale"), (bias, "bias")))
     y = normalize(
         x.reshape(grouped_shape), tuple(a if a < axis else a + 1 for a in reduction), scale,
-        bias, feature_axes=(axis, axis + 1), eps=eps, mask=grouped(mask, grouped_shape),
-        axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype,
-        fast_variance=fast_variance,
+        bias, feature_axes=(axis, axis + 1), mask=grouped(mask, grouped_shape), **options,
     )
     return y.reshape(x.shape)

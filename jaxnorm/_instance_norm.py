@@ -66,6 +66,22 @@ def _pooled_instance_moments(
     )
 
 
+def _pallas_instance_norm(
+    x: Array, scale: Array | None, bias: Array | None, features: tuple[int, ...],
+    reduction: tuple[int, ...], *, eps: float, mask: Array | None, axis_name: Any,
+    dtype: Any, return_moments: bool,
+) -> Array:
+    """:func:`instance_norm` by the GroupNorm kernels with a group per channel (clear
+    errors for what they do not take)."""
+    if return_moments:
+        raise unsupported("return_moments (running statistics)")
+    return pallas_group_normalize(
+        x, scale, bias, groups=x.shape[-1], eps=eps, mask=mask, axis_name=axis_name,
+        dtype=dtype, what="InstanceNorm",
+        channels_last=features == (x.ndim - 1,) and reduction == tuple(range(1, x.ndim - 1)),
+    )
+
+
 def instance_norm(
     x: Array, scale: Array | None = None, bias: Array | None = None, *,
     feature_axes: Axes = -1, eps: float = 1e-6, mask: Array | None = None,
@@ -79,14 +95,11 @@ def instance_norm(
     statistics per example :math:`n` and channel :math:`c` over every axis except 0 and
     ``feature_axes``.
 
-    With ``return_moments`` it also reports the instances' statistics pooled per channel
-    over the batch, for running statistics (PyTorch's ``track_running_stats``) through
-    :func:`jaxnorm.update_running_statistics`: mean :math:`\sum_n k_n\mu_{n,c} / \sum_n
-    k_n` and variance :math:`\sum_n k_n\sigma^2_{n,c} / \sum_n k_n` (:math:`k_n`: the
-    elements instance :math:`n` counted; without a mask the plain batch averages), with the
-    non-empty instances as ``groups``, so ``unbiased=True`` stores
-    :math:`\sum_n k_n\sigma^2_{n,c} / \sum_n (k_n - 1)`, the batch average of the
-    instances' unbiased variances, as PyTorch does.
+    ``return_moments`` also pools the instances' statistics per channel for running
+    statistics (PyTorch's ``track_running_stats``): mean :math:`\sum_n k_n\mu_{n,c} /
+    \sum_n k_n`, variance :math:`\sum_n k_n\sigma^2_{n,c} / \sum_n k_n` (:math:`k_n`:
+    the elements instance :math:`n` counted), the non-empty instances as ``groups``, so
+    ``unbiased=True`` stores the batch average of their unbiased variances, as PyTorch.
 
     Args:
       x: floating input, batch axis 0.
@@ -99,15 +112,13 @@ def instance_norm(
       axis_index_groups: groups within ``axis_name``.
       dtype: output dtype; default: promoted dtype of ``x``, ``scale``, ``bias``.
       fast_variance: Flax's one-pass variance (see :func:`jaxnorm.moments`).
-      return_moments: also return the pooled :class:`jaxnorm.BatchMoments` (feature shape,
-        at least float32), for :func:`jaxnorm.update_running_statistics`.
-      allow_single_value: accept an ``x`` with no axis left to reduce (``(N, C)``): each
-        value is its own set and the output is ``bias``, as Flax's modules do; by default
-        that raises ``ValueError``.
-      implementation: ``"xla"``, ``"pallas"`` (the GroupNorm kernels of
-        :mod:`jaxnorm._pallas_group_norm` with a group per channel, run in interpret mode
-        off a GPU: channels-last only, no ``mask``/``axis_name``/``return_moments``), or
-        None (automatic: XLA for now).
+      return_moments: also return the pooled :class:`jaxnorm.BatchMoments` (feature
+        shape, at least float32) for :func:`jaxnorm.update_running_statistics`.
+      allow_single_value: accept ``(N, C)`` input (each value its own set, output
+        ``bias``), as Flax's modules do; by default a ``ValueError``.
+      implementation: ``"xla"``, ``"pallas"`` (the GroupNorm kernels, a group per
+        channel; interpreted off a GPU; channels-last, no ``mask``/``axis_name``/
+        ``return_moments``), or None (automatic: XLA for now).
 
     Returns:
       ``y``, the shape of ``x``; with ``return_moments``, ``(y, moments)``.
@@ -122,21 +133,15 @@ def instance_norm(
     reduction = spatial_axes(x.ndim, features, x.shape, "instance_norm", feature_axes,
                              allow_single_value)
     if resolve_implementation(implementation) == "pallas":
-        if return_moments:
-            raise unsupported("return_moments (running statistics)")
-        return pallas_group_normalize(
-            x, scale, bias, groups=x.shape[-1], eps=eps, mask=mask, axis_name=axis_name,
-            dtype=dtype, what="InstanceNorm",
-            channels_last=features == (x.ndim - 1,) and reduction == tuple(range(1, x.ndim - 1)),
-        )
+        return _pallas_instance_norm(x, scale, bias, features, reduction, eps=eps, mask=mask,
+                                     axis_name=axis_name, dtype=dtype,
+                                     return_moments=return_moments)
     y, mean, var, count = normalize_with_moments(
         x, reduction, scale, bias, feature_axes=features, eps=eps, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype,
         fast_variance=fast_variance,
     )
-    if not return_moments:
-        return y
-    return y, _pooled_instance_moments(mean, var, count, features)
+    return (y, _pooled_instance_moments(mean, var, count, features)) if return_moments else y
 
 
 def adaptive_instance_norm(
