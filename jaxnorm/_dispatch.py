@@ -2,8 +2,8 @@ r"""The one dispatcher: every normalization in jaxnorm ends in :func:`normalize_
 
 It chooses the path: the closed-form derivative of :mod:`jaxnorm._derivative` when the
 statistics are ``x``'s own and local (the hot path), otherwise :func:`jaxnorm.moments`
-(across devices, over explicitly sharded axes, or with a traced ``eps``) or the caller's statistics, differentiated op
-by op; both end in the affine of :mod:`jaxnorm._affine`.
+(across devices, over sharded sets, or with a traced ``eps``) or the caller's statistics,
+differentiated op by op; both end in the affine of :mod:`jaxnorm._affine`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jaxnorm._affine import NormSpec, compute_dtype, scaled_rstd, standardize
 from jaxnorm._derivative import normalize_with_statistics
-from jaxnorm._sharding import auto_batch_shards, sharded_reduction
+from jaxnorm._sharding import spanned_shards
 from jaxnorm._stats import element_count, moments_and_count
 
 Array = jax.Array
@@ -58,8 +58,7 @@ def normalize_over(
       without ``count``).
     """
     real = not jnp.iscomplexobj(x)
-    local = axis_name is None and not (sharded_reduction(x, spec.reduction)
-                                       or auto_batch_shards(x, spec.reduction))
+    local = axis_name is None and not spanned_shards(x, spec.reduction)[0]
     if mean is None and local and eps is None and real:
         y, mean, var = normalize_with_statistics(x, scale, bias, mask, spec)
         return y, mean, var, element_count(x.shape, spec.reduction, mask, mean.real.dtype)

@@ -62,3 +62,11 @@ def auto_batch_shards(x: jax.Array, axes: tuple[int, ...]) -> dict[int, int]:
     if members <= 1 or x.shape[0] % members or x.shape[0] == members and len(axes) == 1:
         return {}
     return {0: members}
+
+
+def spanned_shards(x: jax.Array, axes: tuple[int, ...]) -> tuple[dict[int, int], bool]:
+    """The shards that reduction sets over ``axes`` span, and whether they are explicit:
+    :func:`sharded_reduction` if any, else :func:`auto_batch_shards`. Empty when every
+    set lies within one device (the local statistics apply)."""
+    explicit = sharded_reduction(x, axes)
+    return (explicit, True) if explicit else (auto_batch_shards(x, axes), False)

@@ -29,27 +29,27 @@ CPU the in-cache refined rows and, for strided sets, a conditioned one-pass with
 element may be masked out (and hold anything), so masked sets take two passes (the mean,
 then the centred squares).
 
-Across a mapped axis (``axis_name``) every member shifts by the same pivot (given, e.g.
-the replicated running mean, or agreed on with one ``pmax`` of the members' first counted
-elements) and one ``psum`` adds the members' :math:`(n, \sum d, \sum d^2)`: the
-statistics of the concatenated batch, exact for unequal (masked) counts.
+Across a mapped axis (``axis_name``) each member computes its own statistics so, one
+``all_gather`` hands every member all members' :math:`(n, p, \bar d, \sigma^2)` and each
+merges them exactly (Chan et al., :func:`merge_members`): the statistics of the
+concatenated batch from the first step at any offset, exact for unequal (masked) counts.
+Sets that span sharded axes under ``jit`` (:mod:`jaxnorm._sharding`) are merged the same
+way from their shards' statistics (:func:`_sharded_moments`).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-
 from jax.sharding import PartitionSpec
 
 from jaxnorm._axes import Axes, broadcast_mask, canonicalize_axes, check_floating
-from jaxnorm._sharding import auto_batch_shards, explicit_shards, sharded_reduction
+from jaxnorm._sharding import explicit_shards, spanned_shards
 
 
 def statistics_dtype(dtype: Any) -> jnp.dtype:
@@ -65,6 +65,11 @@ def element_count(
     if mask is None:
         return jnp.asarray(math.prod(shape[a] for a in axes), dtype)
     return jnp.sum(mask, axis=axes, keepdims=True, dtype=dtype)
+
+
+def _keepdims_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` with the reduced ``axes`` of size one."""
+    return tuple(1 if a in axes else n for a, n in enumerate(shape))
 
 
 def _count_like(count: jax.Array, like: jax.Array) -> jax.Array:
@@ -104,7 +109,7 @@ def _first_elements(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     XLA fuses the slice into each consumer (a separate slice of a reshaped ``x`` is
     costed by XLA as a read of all of ``x``)."""
     if any(x.shape[a] == 0 for a in axes):  # empty sets: any pivot, of the keepdims shape
-        return jnp.zeros(tuple(1 if a in axes else n for a, n in enumerate(x.shape)), x.dtype)
+        return jnp.zeros(_keepdims_shape(x.shape, axes), x.dtype)
     if _group_channels(x.ndim, axes):
         # slice the merged channel axis first (the array's own layout; a slice of the split
         # view is costed by XLA as a read of all of x), then each group's first channel
@@ -379,7 +384,7 @@ def _merged_moments(x: jax.Array, axes: tuple[int, ...]) -> ShiftedMoments:
     sums = lax.reduce((jnp.ones_like(x), x, zeros, zeros), (zero,) * 4, _merge_moments, axes)
     _, high, low, spread = (jnp.expand_dims(v, axes) for v in sums)
     # the count as every other path gives it (replicated under shard_map, not varying)
-    count = element_count(x.shape, axes, None, x.dtype) + jnp.zeros_like(high)
+    count = _count_like(element_count(x.shape, axes, None, x.dtype), high)
     return ShiftedMoments(high, low, spread / jnp.maximum(count, 1), count)
 
 
@@ -398,10 +403,6 @@ def _merged_moments_jvp(axes: tuple[int, ...], primals: tuple[jax.Array],
                        keepdims=True) / safe_count
     zeros = jnp.zeros_like(dmean)
     return moments, ShiftedMoments(zeros, dmean, dvar, zeros)
-
-
-def _keepdims_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(1 if a in axes else n for a, n in enumerate(shape))
 
 
 def merge_members(count: jax.Array, pivot: jax.Array, offset: jax.Array, var: jax.Array,
@@ -438,19 +439,15 @@ def _stacked(moments: ShiftedMoments) -> jax.Array:
     return jnp.stack([count, moments.pivot, moments.offset, moments.var])
 
 
-_GATHER_HAS_TO = "to" in inspect.signature(lax.all_gather).parameters
-
-
 def _varying_in_shard_map(x: jax.Array, axis_name: Any, axis_index_groups: Any) -> bool:
     """Whether ``x`` varies across ``axis_name`` as a ``shard_map`` manual axis (whose
-    replication check needs the gathered statistics marked invariant), and this JAX can
-    gather to an invariant value."""
+    replication check needs the gathered statistics marked invariant)."""
     names = set(axis_name) if isinstance(axis_name, (tuple, list)) else {axis_name}
     aval = jax.typeof(x)
     varying = getattr(aval, "vma", None)  # its name before JAX 0.10
     if varying is None:
         varying = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
-    return _GATHER_HAS_TO and axis_index_groups is None and names <= set(varying)
+    return axis_index_groups is None and names <= set(varying)
 
 
 def _gathered_across(moments: ShiftedMoments, axis_name: Any, axis_index_groups: Any
@@ -500,18 +497,16 @@ def _sharded_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None
     (:func:`merge_members`). ``explicit=False``: ``shards`` are the members of an Auto
     mesh's batch (:func:`jaxnorm._sharding.auto_batch_shards`), gathered by a sharding
     constraint."""
-    view, inner, members, spec = [], [], [], []
+    inner, members, spec = [], [], []  # in the view, with one more axis per shard split
     x_spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
-    for axis, size in enumerate(x.shape):
+    for axis in range(x.ndim):
         if axis in shards:
-            members.append(len(view))
-            view += [shards[axis], size // shards[axis]]
-            inner.append(len(view) - 1)
+            members.append(len(spec))
+            inner.append(len(spec) + 1)
             spec += [None, None]
         else:
             if axis in axes:
-                inner.append(len(view))
-            view.append(size)
+                inner.append(len(spec))
             spec.append(None if axis in axes else x_spec[axis])
     raw = _split_shards(x, shards)
     converted = raw.astype(statistics_dtype(raw.dtype))
@@ -523,7 +518,7 @@ def _sharded_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None
         gathered = jax.sharding.reshard(_stacked(local), PartitionSpec(None, *spec))
     else:  # Auto axes: replicate the members' moments, leave the rest to the partitioner
         spec = [None if axis in members or axis in inner else PartitionSpec.UNCONSTRAINED
-                for axis in range(len(view))]
+                for axis in range(len(spec))]
         gathered = lax.with_sharding_constraint(_stacked(local), PartitionSpec(None, *spec))
     merged = merge_members(*(gathered[i] for i in range(4)), member_axes=tuple(members))
     keepdims = _keepdims_shape(x.shape, axes)
@@ -539,15 +534,16 @@ def shifted_moments(
     ``axes`` and a full-shape boolean ``mask`` (module docstring).
 
     Sets that span an explicitly sharded axis, or the batch under an Auto mesh: the
-    shards' (members') moments merged (:func:`_sharded_moments`). Across ``axis_name``: each member's own stable statistics,
-    one ``all_gather`` and a local exact merge (:func:`_gathered_across`), stable from the
-    first step whatever the offset. ``centered=False`` gives mean 0 and :math:`E[x^2]`;
-    ``fast_variance`` Flax's unshifted one-pass formula; both one ``psum``."""
+    shards' (members') moments merged (:func:`_sharded_moments`). Across ``axis_name``:
+    each member's own stable statistics, one ``all_gather`` and a local exact merge
+    (:func:`_gathered_across`), stable from the first step whatever the offset.
+    ``centered=False`` gives mean 0 and :math:`E[x^2]`; ``fast_variance`` Flax's unshifted
+    one-pass formula; both one ``psum``."""
     raw, x = x, x.astype(statistics_dtype(x.dtype))
     if centered and not fast_variance:
-        shards, auto = sharded_reduction(x, axes), auto_batch_shards(x, axes)
-        if shards or auto:
-            local = _sharded_moments(raw, axes, mask, shards or auto, explicit=bool(shards))
+        shards, explicit = spanned_shards(x, axes)
+        if shards:
+            local = _sharded_moments(raw, axes, mask, shards, explicit)
         else:
             local = local_moments(raw, axes, mask, single_pass)
         if axis_name is None:
