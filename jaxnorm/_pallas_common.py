@@ -33,11 +33,19 @@ Array = jax.Array
 MAX_FEATURES = 65536
 """The longest row a kernel holds on chip (in elements)."""
 
-TILE_ELEMENTS = 4096
-"""Elements of one tile of ``x`` a program holds (rows times padded row length)."""
+DEFAULT_TILE_ELEMENTS = 4096
+"""Elements of one tile of ``x`` a program holds (rows times padded row length), where
+neither :data:`TILE_ELEMENTS` nor a measured setting (:mod:`jaxnorm._pallas_tuning`) says."""
+
+TILE_ELEMENTS: int | None = None
+"""Overrides every tile size (``benchmarks/pallas_tune.py`` sets it); None: measured or
+default."""
 
 MAX_BLOCK_ROWS = 16
 """The most rows one program holds."""
+
+NUM_WARPS: int | None = None
+"""Overrides the warps of every program; None: measured, else :func:`warps_for`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +94,17 @@ def check_backend_available() -> None:
         )
 
 
-def make_tiling(rows: int, features: int, interpret: bool | None = None) -> Tiling:
+def make_tiling(rows: int, features: int, interpret: bool | None = None, *,
+                tuned: dict[str, int] | None = None) -> Tiling:
     """The tiling of a ``(rows, features)`` array: whole rows, about
-    :data:`TILE_ELEMENTS` elements a tile.
+    :data:`TILE_ELEMENTS` (else ``tuned["tile"]``, else :data:`DEFAULT_TILE_ELEMENTS`)
+    elements a tile.
 
     Args:
       rows: number of rows.
       features: row length, at most :data:`MAX_FEATURES`.
       interpret: force interpret mode on or off; None: :func:`interpret_mode`.
+      tuned: measured settings (``tile``, ``warps``) of :mod:`jaxnorm._pallas_tuning`.
     """
     if features > MAX_FEATURES:
         raise ValueError(
@@ -101,11 +112,18 @@ def make_tiling(rows: int, features: int, interpret: bool | None = None) -> Tili
             f"features, got {features}; use implementation='xla'"
         )
     block_features = pl.next_power_of_2(max(features, 1))
-    block_rows = max(1, min(MAX_BLOCK_ROWS, TILE_ELEMENTS // block_features))
+    tuned = tuned or {}
+    tile_elements = TILE_ELEMENTS or tuned.get("tile") or DEFAULT_TILE_ELEMENTS
+    block_rows = max(1, min(MAX_BLOCK_ROWS, tile_elements // block_features))
     block_rows = min(block_rows, pl.next_power_of_2(max(rows, 1)))
-    num_warps = min(8, max(1, block_rows * block_features // 256))
+    num_warps = NUM_WARPS or tuned.get("warps") or warps_for(block_rows * block_features)
     interpret = interpret_mode() if interpret is None else interpret
     return Tiling(rows, features, block_rows, block_features, num_warps, interpret)
+
+
+def warps_for(tile_elements: int) -> int:
+    """The default warps of a program holding ``tile_elements``: one per 256, 1 to 8."""
+    return min(8, max(1, tile_elements // 256))
 
 
 def row_indices(start: Array, size: int) -> Array:

@@ -46,13 +46,30 @@ from jaxnorm._pallas_common import (
     load_vector,
     make_tiling,
     store_tile,
+    warps_for,
 )
 from jaxnorm._pallas_errors import check_pallas_arguments, unsupported
+from jaxnorm._pallas_tuning import tuned_settings
 
 Array = jax.Array
 
-TARGET_PROGRAMS = 1024
-"""About how many programs the reducing kernels (moments, backward sums) launch."""
+DEFAULTS = {"programs": 1024, "tile": 4096, "rows": 16}
+"""Where neither an override below nor a measured setting (:mod:`jaxnorm._pallas_tuning`)
+says: about how many programs the reducing kernels (moments, backward sums) launch,
+elements of one tile (spatial rows times padded channels), the most spatial rows a tile."""
+
+TARGET_PROGRAMS: int | None = None
+"""Overrides ``DEFAULTS["programs"]`` (``benchmarks/pallas_tune.py`` sets these four)."""
+
+TILE_ELEMENTS: int | None = None
+"""Overrides ``DEFAULTS["tile"]``."""
+
+MAX_BLOCK_ROWS: int | None = None
+"""Overrides ``DEFAULTS["rows"]``."""
+
+NUM_WARPS: int | None = None
+"""Overrides the warps per program (else measured, else
+:func:`jaxnorm._pallas_common.warps_for` of the tile)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +103,34 @@ class GroupTiling:
         return pl.cdiv(self.row_tiles, self.programs)
 
 
-def make_group_tiling(batch: int, spatial: int, channels: int, groups: int) -> GroupTiling:
-    """The tiling of a ``(batch, spatial, channels)`` array with ``groups`` groups."""
-    tile = make_tiling(batch * spatial, channels)
-    tile = dataclasses.replace(tile, block_rows=min(
-        tile.block_rows, pl.next_power_of_2(max(spatial, 1))))
+def _setting(name: str, override: int | None, tuned: dict[str, int]) -> int:
+    """A tile setting: the module's override, else the measured one, else the default."""
+    return override or tuned.get(name) or DEFAULTS[name]
+
+
+def make_group_tiling(batch: int, spatial: int, channels: int, groups: int,
+                      interpret: bool | None = None, tuned: dict[str, int] | None = None
+                      ) -> GroupTiling:
+    """The tiling of a ``(batch, spatial, channels)`` array with ``groups`` groups.
+
+    Args:
+      batch: :math:`B`.
+      spatial: :math:`S`.
+      channels: :math:`C`.
+      groups: :math:`G`.
+      interpret: force interpret mode on or off; None: off a GPU.
+      tuned: measured settings (``tile``, ``rows``, ``warps``, ``programs``).
+    """
+    tuned = tuned or {}
+    tile = make_tiling(batch * spatial, channels, interpret)
+    tile_elements = _setting("tile", TILE_ELEMENTS, tuned)
+    block_rows = max(1, min(_setting("rows", MAX_BLOCK_ROWS, tuned),
+                            tile_elements // tile.block_features,
+                            pl.next_power_of_2(max(spatial, 1))))
+    warps = NUM_WARPS or tuned.get("warps") or warps_for(block_rows * tile.block_features)
+    tile = dataclasses.replace(tile, block_rows=block_rows, num_warps=warps)
     tiles = pl.cdiv(spatial, tile.block_rows)
-    programs = max(1, min(tiles, pl.cdiv(TARGET_PROGRAMS, batch)))
+    programs = max(1, min(tiles, pl.cdiv(_setting("programs", TARGET_PROGRAMS, tuned), batch)))
     return GroupTiling(batch, spatial, groups, tile, programs)
 
 
@@ -109,6 +147,18 @@ class GroupNormConfig:
     eps: float
     dtype: Any
     tiling: GroupTiling
+
+
+def stage_config(config: GroupNormConfig, dtype: Any, stage: str) -> GroupNormConfig:
+    """``config`` tiled with the measured settings of ``stage`` (``"forward"`` or
+    ``"backward"``) for ``dtype``."""
+    base = config.tiling
+    channels = base.tile.features
+    kernel = "instance_norm" if base.groups == channels else "group_norm"
+    tuned = tuned_settings(kernel, jnp.dtype(dtype).name, base.tile.block_features, stage)
+    tiling = make_group_tiling(base.batch, base.spatial, channels, base.groups,
+                               base.tile.interpret, tuned)
+    return dataclasses.replace(config, tiling=tiling)
 
 
 def _tile(tiling: GroupTiling, example: Array, index: Array) -> tuple[Array, Array, Array]:
@@ -301,12 +351,14 @@ def group_norm_rows(x: Array, scale: Array, bias: Array, config: GroupNormConfig
     Returns:
       ``y``, ``(B S, C)`` in ``config.dtype``.
     """
+    config = stage_config(config, x.dtype, "forward")
     return _normalize(x, _statistics(x, config), scale, bias, config)
 
 
 def _group_norm_fwd(x: Array, scale: Array, bias: Array, config: GroupNormConfig
                     ) -> tuple[Array, tuple[Array, ...]]:
     """The forward, keeping ``x``, the parameters and the statistics."""
+    config = stage_config(config, x.dtype, "forward")
     statistics = _statistics(x, config)
     return _normalize(x, statistics, scale, bias, config), (x, scale, bias, *statistics)
 
@@ -315,6 +367,7 @@ def _group_norm_bwd(config: GroupNormConfig, residuals: tuple[Array, ...], dy: A
                     ) -> tuple[Array, Array, Array]:
     """The sums kernel, the per-set sums in XLA, then the ``dx`` kernel."""
     x, scale, bias, pivot, shift, rstd = residuals
+    config = stage_config(config, x.dtype, "backward")
     tiling = config.tiling
     channels = tiling.tile.features
     dbias, dscale = (jnp.sum(_per_program(o, tiling), axis=1) for o in _call(

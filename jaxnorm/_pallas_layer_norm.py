@@ -47,11 +47,16 @@ from jaxnorm._pallas_common import (
     tile_mask,
 )
 from jaxnorm._pallas_errors import check_pallas_arguments
+from jaxnorm._pallas_tuning import tuned_settings
 
 Array = jax.Array
 
-MAX_PARTIAL_BLOCKS = 512
-"""The most programs of the backward, hence rows of the dγ/dβ partial sums."""
+DEFAULT_PARTIAL_BLOCKS = 512
+"""The most programs of the backward, hence rows of the dγ/dβ partial sums, where neither
+:data:`MAX_PARTIAL_BLOCKS` nor a measured setting says."""
+
+MAX_PARTIAL_BLOCKS: int | None = None
+"""Overrides the backward's most programs (``benchmarks/pallas_tune.py`` sets it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,9 +146,22 @@ def _backward_kernel(x_ref: Any, scale_ref: Any, dy_ref: Any, dx_ref: Any,
     dbias_ref[program, :] = dbias
 
 
+def _tuned(config: RowNormConfig, dtype: Any, stage: str) -> dict[str, int]:
+    """The measured settings of this kernel, dtype, row width and ``stage``."""
+    kernel = "layer_norm" if config.centered else "rms_norm"
+    return tuned_settings(kernel, jnp.dtype(dtype).name, config.tiling.block_features, stage)
+
+
+def _stage_tiling(config: RowNormConfig, tuned: dict[str, int]) -> Tiling:
+    """``config``'s row view tiled with the ``tuned`` settings."""
+    base = config.tiling
+    return make_tiling(base.rows, base.features, base.interpret, tuned=tuned)
+
+
 def _forward(x: Array, scale: Array, bias: Array, config: RowNormConfig) -> Array:
     """``y`` of the ``(R, N)`` view, one program per row tile."""
-    tiling = config.tiling
+    tiling = _stage_tiling(config, _tuned(config, x.dtype, "forward"))
+    config = dataclasses.replace(config, tiling=tiling)
     return pl.pallas_call(
         functools.partial(_forward_kernel, config=config),
         grid=(tiling.row_blocks,),
@@ -158,8 +176,11 @@ def _backward(x: Array, scale: Array, dy: Array, config: RowNormConfig
               ) -> tuple[Array, Array, Array]:
     """``(dx, dscale_partials, dbias_partials)``: the partials ``(programs,
     block_features)`` float32, one row per program."""
-    tiling = config.tiling
-    programs = min(tiling.row_blocks, MAX_PARTIAL_BLOCKS)
+    tuned = _tuned(config, x.dtype, "backward")
+    tiling = _stage_tiling(config, tuned)
+    config = dataclasses.replace(config, tiling=tiling)
+    partials = MAX_PARTIAL_BLOCKS or tuned.get("partials") or DEFAULT_PARTIAL_BLOCKS
+    programs = min(tiling.row_blocks, partials)
     partial = jax.ShapeDtypeStruct((programs, tiling.block_features), jnp.float32)
     kernel = functools.partial(_backward_kernel, config=config, programs=programs,
                                steps=pl.cdiv(tiling.row_blocks, programs))
