@@ -292,15 +292,19 @@ def _first_element_shifted(x: jax.Array, raw: jax.Array, axes: tuple[int, ...]
 
 def _needs_refinement(dtype: Any, shape: tuple[int, ...], axes: tuple[int, ...]) -> bool:
     """Whether :func:`_refined_rows` must refine the mean: not for half-precision rows
-    short enough that float32 sums any constant row of them exactly (2**13 float16 or
-    2**16 bfloat16 values: 11 or 8 significant bits each, 24 in float32). Skipping it
-    also lets XLA:GPU fuse the rows' statistics and output into one kernel when the
+    whose length :math:`n` is a power of two of at most 2**13 (float16) or 2**16
+    (bfloat16) values. Their float32 sum is exact (11 or 8 significant bits each, 24 in
+    float32) and so is the division by :math:`n`, which XLA compiles as a multiplication
+    by :math:`1/n`: exact for a power of two only (for other lengths a constant row's mean
+    would be one rounding off, amplified by :math:`1/\sqrt\epsilon` in the output).
+    Skipping it lets XLA:GPU fuse the rows' statistics and output into one kernel when the
     parameters are half precision too (it does not with three row reductions)."""
     itemsize = jnp.dtype(dtype).itemsize
     if itemsize >= 4:
         return True
+    length = math.prod(shape[a] for a in axes)
     exact_rows = 2 ** (24 - jnp.finfo(dtype).nmant - 1)
-    return math.prod(shape[a] for a in axes) > exact_rows
+    return length > exact_rows or length & (length - 1) != 0
 
 
 def _refined_rows(x: jax.Array, axes: tuple[int, ...], refine: bool = True
@@ -308,8 +312,9 @@ def _refined_rows(x: jax.Array, axes: tuple[int, ...], refine: bool = True
     r"""Three reductions of each row, fused by XLA into the row's one kernel: the mean
     :math:`m`, the refined mean :math:`m + \frac1n\sum (x - m)` (exact for constant rows),
     and :math:`\frac1n\sum (x - \mu)^2`. ``pivot`` is the refined mean. ``refine=False``
-    skips the refinement, for half-precision input: summed in float32, a constant set of up
-    to 2**13 float16 / 2**16 bfloat16 values has an exact sum, so its mean is exact."""
+    skips the refinement, for half-precision rows of a power-of-two length up to 2**13
+    float16 / 2**16 bfloat16 values: their float32 sum is exact and so is its product
+    with :math:`1/n`, so a constant row's mean is exact (:func:`_needs_refinement`)."""
     count = element_count(x.shape, axes, None, x.dtype)
     safe_count = jnp.maximum(count, 1)  # empty sets: 0, not NaN
     mean = jnp.sum(x, axis=axes, keepdims=True) / safe_count

@@ -344,9 +344,24 @@ def test_constant_sets_give_exactly_bias_for_any_constant_and_length(dtype):
         lambda x: jaxnorm.layer_norm(x, scale, bias, reduction_axes=(1, 2), feature_axes=2),
     ]
     compiled = [jax.jit(fn) for fn in variants]
-    for constant in rng.uniform(-1e3, 1e3, 8):
+    constants = [*rng.uniform(-1e3, 1e3, 8), 3333.3333, 5e4, -7.77]
+    for constant in constants:
         for shape in [(3, 7, 12), (2, 1000, 12)]:
             x = jnp.full(shape, constant, dtype)
             for fn in compiled:
                 y = np.asarray(fn(x), np.float32)
                 np.testing.assert_array_equal(y, np.broadcast_to(np.asarray(bias), shape))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("width", [7, 13, 15, 63, 255, 256, 500, 768, 1000, 2000])
+def test_half_precision_constant_rows_give_exactly_bias_at_any_width(dtype, width):
+    # XLA compiles the mean's division by n as a multiplication by 1/n, which rounds for
+    # any n but a power of two: a constant row of 5e4 then came out near +-1, not bias.
+    constants = jnp.asarray([3333.3333, 5e4, -7.77, 1 / 3, 0.1, 123.456, 1e-3, -0.7])
+    x = jnp.broadcast_to(constants[:, None], (8, width)).astype(dtype)
+    bias = jnp.linspace(-1.0, 1.0, width)
+    for scale in (None, jnp.linspace(0.5, 2.0, width).astype(dtype)):
+        y = jax.jit(jaxnorm.layer_norm)(x, scale, bias.astype(dtype))
+        expected = np.broadcast_to(np.asarray(bias.astype(dtype), np.float32), y.shape)
+        np.testing.assert_array_equal(np.asarray(y, np.float32), expected)
