@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxnorm._implementation import check_implementation
 from jaxnorm._stats import statistics_dtype
 
 Array = jax.Array
@@ -32,6 +33,12 @@ class NormSpec:
       centered: subtract the mean (``False``: RMS normalization, :math:`\mu = 0`,
         :math:`\sigma^2 = E[x^2]`).
       fast_variance: Flax's one-pass :math:`E[x^2] - \mu^2` (see :func:`jaxnorm.moments`).
+      implementation: ``"xla"``, ``"pallas"`` or None (automatic): the caller's
+        ``implementation=`` (checked here), read by the Pallas backend
+        (:mod:`jaxnorm._pallas_dispatch`).
+      layer: the named normalization whose Pallas kernel may compute this one:
+        ``"LayerNorm"``/``"RMSNorm"`` (rows over trailing axes), ``"GroupNorm"`` (``x``
+        viewed grouped, ``(B, ..., G, C/G)``), ``"InstanceNorm"``; None: no kernel does.
     """
 
     reduction: tuple[int, ...]
@@ -39,6 +46,11 @@ class NormSpec:
     dtype: Any
     centered: bool = True
     fast_variance: bool = False
+    implementation: str | None = None
+    layer: str | None = None
+
+    def __post_init__(self) -> None:
+        check_implementation(self.implementation)
 
 
 def output_dtype(dtype: Any, *arrays: Array | None) -> jnp.dtype:
