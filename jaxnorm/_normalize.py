@@ -131,17 +131,27 @@ def normalize_with_moments(
     feature_axes: Axes = -1, eps: float = 1e-5, mean: Array | None = None,
     var: Array | None = None, mask: Array | None = None, axis_name: Any = None,
     axis_index_groups: Any = None, dtype: Any = None, centered: bool = True,
-    fast_variance: bool = False,
-) -> tuple[Array, Array, Array, Array | None]:
+    fast_variance: bool = False, implementation: str | None = None, layer: str | None = None,
+    statistics: bool = True,
+) -> tuple[Array, Array | None, Array | None, Array | None]:
     """:func:`normalize` (the same arguments, checked) returning ``(y, mean, var, count)``
     as :func:`jaxnorm._dispatch.normalize_over` does: the statistics keep the reduced axes,
-    ``count`` the elements each set counted (None for given statistics)."""
+    ``count`` the elements each set counted (None for given statistics, and all three None
+    where a Pallas kernel computed ``y``).
+
+    Args (besides :func:`normalize`'s; the named layers pass them, :func:`normalize` not):
+      implementation: the caller's ``implementation=``: ``"xla"``, ``"pallas"`` or None
+        (automatic), as :class:`~jaxnorm._affine.NormSpec` holds it.
+      layer: the named layer a Pallas kernel may compute (``NormSpec.layer``), or None.
+      statistics: the caller uses the statistics, not only ``y``.
+    """
     x = check_floating(x, allow_complex=True)
     reduction = canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
     features = canonicalize_axes(feature_axes, x.ndim, "feature_axes")
     spec_eps, traced_eps = static_eps(eps)
     scale, bias = feature_parameters(x, scale, bias, features)
-    spec = NormSpec(reduction, spec_eps, output_dtype(dtype, x, scale, bias), centered, fast_variance)
+    spec = NormSpec(reduction, spec_eps, output_dtype(dtype, x, scale, bias), centered,
+                    fast_variance, implementation, layer)
     if (mean is None) != (var is None):
         raise ValueError("mean and var must be given together (or both left None)")
     mask = broadcast_mask(mask, x.shape)
@@ -150,4 +160,4 @@ def normalize_with_moments(
         var = _broadcast_statistic(var, "var", x.shape, reduction, features)
     return normalize_over(x, scale, bias, spec, mask=mask, axis_name=axis_name,
                           axis_index_groups=axis_index_groups, eps=traced_eps, mean=mean,
-                          var=var)
+                          var=var, statistics=statistics)
