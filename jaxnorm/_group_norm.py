@@ -15,9 +15,7 @@ from jaxnorm._axes import (
     check_floating,
     check_shape,
 )
-from jaxnorm._implementation import resolve_implementation
-from jaxnorm._normalize import normalize
-from jaxnorm._pallas_group_norm import pallas_group_normalize
+from jaxnorm._normalize import normalize_with_moments
 
 Array = jax.Array
 
@@ -95,7 +93,8 @@ def group_norm(
       implementation: ``"xla"``, ``"pallas"`` (the Pallas GPU kernels of
         :mod:`jaxnorm._pallas_group_norm`, run in interpret mode off a GPU: channels-last
         only, statistics over every axis but 0, always the stable variance, no
-        ``mask``/``axis_name``), or None (automatic: XLA for now).
+        ``mask``/``axis_name``), or None (automatic: XLA for now;
+        :mod:`jaxnorm._pallas_dispatch` routes it).
 
     Returns:
       ``y``, the shape of ``x``.
@@ -111,15 +110,10 @@ def group_norm(
     reduction = _grouped_reduction(x.ndim, axis, reduction_axes)
     channels = x.shape[axis]
     groups = resolve_num_groups(channels, num_groups, group_size)
-    if resolve_implementation(implementation) == "pallas":
-        return pallas_group_normalize(
-            x, scale, bias, groups=groups, eps=eps, mask=mask, axis_name=axis_name,
-            dtype=dtype,
-            channels_last=axis == x.ndim - 1 and reduction == tuple(range(1, x.ndim)),
-        )
     return _normalize_groups(
         x, scale, bias, axis, reduction, groups, eps=eps, mask=mask, axis_name=axis_name,
         axis_index_groups=axis_index_groups, dtype=dtype, fast_variance=fast_variance,
+        implementation=implementation,
     )
 
 
@@ -127,9 +121,10 @@ def _normalize_groups(
     x: Array, scale: Array | None, bias: Array | None, axis: int,
     reduction: tuple[int, ...], groups: int, **options: Any,
 ) -> Array:
-    """:func:`group_norm` on the XLA path: the channel axis viewed as ``(groups, channels
-    per group)`` and normalized by :func:`jaxnorm.normalize` over the grouped reduction
-    (``options``: its keyword arguments)."""
+    """:func:`group_norm` of ``x`` with the channel axis viewed as ``(groups, channels
+    per group)``, normalized over the grouped reduction by
+    :func:`jaxnorm._normalize.normalize_with_moments` (``options``: its keyword
+    arguments), which the dispatcher hands to the GroupNorm kernel where it applies."""
     channels = x.shape[axis]
     mask = broadcast_mask(options.pop("mask"), x.shape)
     grouped_shape = x.shape[:axis] + (groups, channels // groups) + x.shape[axis + 1 :]
@@ -140,8 +135,9 @@ def _normalize_groups(
     # In the grouped array, axis `axis` holds the group and `axis + 1` the channel within it.
     scale, bias = (grouped(check_shape(p, (channels,), name), (groups, channels // groups))
                    for p, name in ((scale, "scale"), (bias, "bias")))
-    y = normalize(
+    y = normalize_with_moments(
         x.reshape(grouped_shape), tuple(a if a < axis else a + 1 for a in reduction), scale,
-        bias, feature_axes=(axis, axis + 1), mask=grouped(mask, grouped_shape), **options,
-    )
+        bias, feature_axes=(axis, axis + 1), mask=grouped(mask, grouped_shape),
+        layer="GroupNorm", statistics=False, **options,
+    )[0]
     return y.reshape(x.shape)

@@ -88,13 +88,3 @@ def select_implementation(requested: str | None, case: KernelCase | None) -> str
     if case is None or not gpu_backend():
         return "xla"
     return "pallas" if any(accepts(case) for accepts in AUTOMATIC_PALLAS) else "xla"
-
-
-def resolve_implementation(implementation: str | None) -> str:
-    """The path an ``implementation=`` argument selects: ``"xla"`` or ``"pallas"``
-    (:func:`select_implementation` without a kernel case).
-
-    Args:
-      implementation: ``"xla"``, ``"pallas"`` or None.
-    """
-    return select_implementation(implementation, None)

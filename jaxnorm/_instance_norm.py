@@ -20,10 +20,7 @@ from jaxnorm._axes import (
     expand_to_rank,
     feature_shape,
 )
-from jaxnorm._implementation import resolve_implementation
 from jaxnorm._normalize import normalize_with_moments
-from jaxnorm._pallas_errors import unsupported
-from jaxnorm._pallas_group_norm import pallas_group_normalize
 from jaxnorm._running import BatchMoments
 from jaxnorm._stats import moments
 
@@ -66,22 +63,6 @@ def _pooled_instance_moments(
     )
 
 
-def _pallas_instance_norm(
-    x: Array, scale: Array | None, bias: Array | None, features: tuple[int, ...],
-    reduction: tuple[int, ...], *, eps: float, mask: Array | None, axis_name: Any,
-    dtype: Any, return_moments: bool,
-) -> Array:
-    """:func:`instance_norm` by the GroupNorm kernels with a group per channel (clear
-    errors for what they do not take)."""
-    if return_moments:
-        raise unsupported("return_moments (running statistics)")
-    return pallas_group_normalize(
-        x, scale, bias, groups=x.shape[-1], eps=eps, mask=mask, axis_name=axis_name,
-        dtype=dtype, what="InstanceNorm",
-        channels_last=features == (x.ndim - 1,) and reduction == tuple(range(1, x.ndim - 1)),
-    )
-
-
 def instance_norm(
     x: Array, scale: Array | None = None, bias: Array | None = None, *,
     feature_axes: Axes = -1, eps: float = 1e-6, mask: Array | None = None,
@@ -118,7 +99,8 @@ def instance_norm(
         ``bias``), as Flax's modules do; by default a ``ValueError``.
       implementation: ``"xla"``, ``"pallas"`` (the GroupNorm kernels, a group per
         channel; interpreted off a GPU; channels-last, no ``mask``/``axis_name``/
-        ``return_moments``), or None (automatic: XLA for now).
+        ``return_moments``), or None (automatic: XLA for now;
+        :mod:`jaxnorm._pallas_dispatch` routes it).
 
     Returns:
       ``y``, the shape of ``x``; with ``return_moments``, ``(y, moments)``.
@@ -132,14 +114,11 @@ def instance_norm(
     features = canonicalize_axes(feature_axes, x.ndim, "feature_axes")
     reduction = spatial_axes(x.ndim, features, x.shape, "instance_norm", feature_axes,
                              allow_single_value)
-    if resolve_implementation(implementation) == "pallas":
-        return _pallas_instance_norm(x, scale, bias, features, reduction, eps=eps, mask=mask,
-                                     axis_name=axis_name, dtype=dtype,
-                                     return_moments=return_moments)
     y, mean, var, count = normalize_with_moments(
         x, reduction, scale, bias, feature_axes=features, eps=eps, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype,
-        fast_variance=fast_variance,
+        fast_variance=fast_variance, implementation=implementation, layer="InstanceNorm",
+        statistics=return_moments,
     )
     return (y, _pooled_instance_moments(mean, var, count, features)) if return_moments else y
 

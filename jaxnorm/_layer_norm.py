@@ -12,9 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm._axes import Axes
-from jaxnorm._implementation import resolve_implementation
-from jaxnorm._normalize import normalize
-from jaxnorm._pallas_layer_norm import pallas_row_normalize
+from jaxnorm._normalize import normalize_with_moments
 
 Array = jax.Array
 
@@ -66,7 +64,7 @@ def layer_norm(
       implementation: ``"xla"``, ``"pallas"`` (the Pallas GPU kernel of
         :mod:`jaxnorm._pallas_layer_norm`, run in interpret mode off a GPU; statistics
         over trailing axes only, always two-pass, no ``mask``/``axis_name``), or None
-        (automatic: XLA for now).
+        (automatic: XLA for now; :mod:`jaxnorm._pallas_dispatch` routes it).
 
     Returns:
       ``y``, the shape of ``x``.
@@ -78,16 +76,12 @@ def layer_norm(
       [[-1.0, 1.0]]
     """
     scale, dtype = effective_scale(x, scale, bias, dtype, zero_centered_scale)
-    if resolve_implementation(implementation) == "pallas":
-        return pallas_row_normalize(
-            x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, eps=eps,
-            mask=mask, axis_name=axis_name, dtype=dtype, centered=True,
-        )
-    return normalize(
+    return normalize_with_moments(
         x, reduction_axes, scale, bias, feature_axes=feature_axes, eps=eps, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype,
-        fast_variance=fast_variance,
-    )
+        fast_variance=fast_variance, implementation=implementation, layer="LayerNorm",
+        statistics=False,
+    )[0]
 
 
 def rms_norm(
@@ -121,7 +115,7 @@ def rms_norm(
       implementation: ``"xla"``, ``"pallas"`` (the Pallas GPU kernel of
         :mod:`jaxnorm._pallas_layer_norm`, run in interpret mode off a GPU; statistics
         over trailing axes only, always two-pass, no ``mask``/``axis_name``), or None
-        (automatic: XLA for now).
+        (automatic: XLA for now; :mod:`jaxnorm._pallas_dispatch` routes it).
 
     Returns:
       ``y``, the shape of ``x``.
@@ -132,13 +126,8 @@ def rms_norm(
       [[0.8485, 1.1314]]
     """
     scale, dtype = effective_scale(x, scale, bias, dtype, zero_centered_scale)
-    if resolve_implementation(implementation) == "pallas":
-        return pallas_row_normalize(
-            x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, eps=eps,
-            mask=mask, axis_name=axis_name, dtype=dtype, centered=False,
-        )
-    return normalize(
+    return normalize_with_moments(
         x, reduction_axes, scale, bias, feature_axes=feature_axes, eps=eps, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype,
-        centered=False,
-    )
+        centered=False, implementation=implementation, layer="RMSNorm", statistics=False,
+    )[0]

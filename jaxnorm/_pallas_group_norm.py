@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -37,18 +36,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxnorm._affine import output_dtype
-from jaxnorm._axes import check_shape
 from jaxnorm._pallas_common import (
     Tiling,
-    check_backend_available,
     load_tile,
     load_vector,
     make_tiling,
     store_tile,
     warps_for,
 )
-from jaxnorm._pallas_errors import check_pallas_arguments, unsupported
 from jaxnorm._pallas_tuning import tuned_settings
 
 Array = jax.Array
@@ -385,50 +380,3 @@ def _group_norm_bwd(config: GroupNormConfig, residuals: tuple[Array, ...], dy: A
 
 
 group_norm_rows.defvjp(_group_norm_fwd, _group_norm_bwd)
-
-
-def pallas_group_normalize(
-    x: Array, scale: Array | None, bias: Array | None, *, groups: int, channels_last: bool,
-    eps: Any, mask: Array | None, axis_name: Any, dtype: Any, what: str = "GroupNorm",
-) -> Array:
-    r"""GroupNorm (InstanceNorm with ``groups`` = channels) through the kernels
-    (``implementation="pallas"``): statistics per example and group over every axis but 0.
-
-    The kernels take channels-last inputs only, no ``mask``, ``axis_name``, traced
-    ``eps`` or complex ``x``: those raise ``ValueError`` naming ``implementation``. The
-    variance is always the stable merged one (what ``fast_variance=False`` asks of XLA).
-
-    Args:
-      x: real floating input ``(B, ..., C)``.
-      scale: :math:`\gamma` of shape ``(C,)``, or None.
-      bias: :math:`\beta` of shape ``(C,)``, or None.
-      groups: :math:`G`, dividing :math:`C`.
-      channels_last: the caller's channel axis is the last and its statistics span every
-        other axis but 0 (else ``ValueError``).
-      eps: :math:`\epsilon`, concrete.
-      mask: must be None.
-      axis_name: must be None.
-      dtype: output dtype; default: promoted dtype of ``x``, ``scale``, ``bias``.
-      what: the caller's name, for errors.
-
-    Returns:
-      ``y``, the shape of ``x``.
-    """
-    check_backend_available()
-    x = check_pallas_arguments(x, eps, mask=mask, axis_name=axis_name)
-    if not channels_last or x.ndim < 2:
-        raise unsupported(
-            f"this {what} layout: the kernels take channels-last inputs (channels on the "
-            "last axis, statistics over every axis but 0)")
-    channels = x.shape[-1]
-    scale = check_shape(scale, (channels,), "scale")
-    bias = check_shape(bias, (channels,), "bias")
-    out = output_dtype(dtype, x, scale, bias)
-    if x.size == 0:
-        return x.astype(out)
-    batch, spatial = x.shape[0], math.prod(x.shape[1:-1])
-    config = GroupNormConfig(float(eps), out, make_group_tiling(batch, spatial, channels, groups))
-    scale = jnp.ones((channels,), jnp.float32) if scale is None else scale
-    bias = jnp.zeros((channels,), jnp.float32) if bias is None else bias
-    rows = x.reshape(batch * spatial, channels)
-    return group_norm_rows(rows, scale, bias, config).reshape(x.shape)

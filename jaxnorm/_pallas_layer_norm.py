@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -34,11 +33,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxnorm._affine import output_dtype
-from jaxnorm._axes import Axes, canonicalize_axes, check_shape, feature_shape
 from jaxnorm._pallas_common import (
     Tiling,
-    check_backend_available,
     load_tile,
     load_vector,
     make_tiling,
@@ -46,7 +42,6 @@ from jaxnorm._pallas_common import (
     store_tile,
     tile_mask,
 )
-from jaxnorm._pallas_errors import check_pallas_arguments
 from jaxnorm._pallas_tuning import tuned_settings
 
 Array = jax.Array
@@ -228,69 +223,3 @@ def _row_norm_bwd(config: RowNormConfig, residuals: tuple[Array, Array, Array], 
 
 
 row_norm.defvjp(_row_norm_fwd, _row_norm_bwd)
-
-
-def _trailing_rows(x: Array, reduction_axes: Axes, feature_axes: Axes,
-                   has_parameters: bool) -> tuple[int, int]:
-    """``(R, N)``: the row view of ``x``; the reduction must be the trailing axes and,
-    with a ``scale`` or ``bias``, the feature axes the same axes."""
-    reduction = canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
-    trailing = tuple(range(x.ndim - len(reduction), x.ndim))
-    if reduction != trailing:
-        raise ValueError(
-            f"implementation='pallas' normalizes over trailing axes only; got "
-            f"reduction_axes={reduction_axes!r} for an input of rank {x.ndim}; use "
-            "implementation='xla'"
-        )
-    features = canonicalize_axes(feature_axes, x.ndim, "feature_axes")
-    if has_parameters and features != reduction:
-        raise ValueError(
-            f"implementation='pallas' needs feature_axes equal to reduction_axes; got "
-            f"feature_axes={feature_axes!r}, reduction_axes={reduction_axes!r}; use "
-            "implementation='xla'"
-        )
-    features_size = math.prod(x.shape[x.ndim - len(reduction):])
-    return x.size // max(features_size, 1), features_size
-
-
-def pallas_row_normalize(
-    x: Array, scale: Array | None, bias: Array | None, *, reduction_axes: Axes,
-    feature_axes: Axes, eps: Any, mask: Array | None, axis_name: Any, dtype: Any,
-    centered: bool,
-) -> Array:
-    r"""LayerNorm/RMSNorm through the kernels (``implementation="pallas"``).
-
-    The kernel always takes the two-pass variance (what ``fast_variance=False`` asks of
-    the XLA path); it takes no ``mask``, ``axis_name``, traced ``eps`` or complex ``x``
-    and normalizes over trailing axes only: those raise ``ValueError`` naming
-    ``implementation``.
-
-    Args:
-      x: real floating input.
-      scale: :math:`\gamma` of the feature shape, or None.
-      bias: :math:`\beta` of the feature shape, or None.
-      reduction_axes: the axes of the statistics: the last ``k`` axes of ``x``.
-      feature_axes: the axes of ``scale``/``bias``: the same axes.
-      eps: :math:`\epsilon`, a concrete non-negative float.
-      mask: must be None.
-      axis_name: must be None.
-      dtype: the output dtype; default: promoted dtype of ``x``, ``scale``, ``bias``.
-      centered: LayerNorm; False: RMSNorm.
-
-    Returns:
-      ``y``, the shape of ``x``.
-    """
-    check_backend_available()
-    x = check_pallas_arguments(x, eps, mask=mask, axis_name=axis_name)
-    rows, features = _trailing_rows(x, reduction_axes, feature_axes,
-                                    scale is not None or bias is not None)
-    shape = feature_shape(x.shape, canonicalize_axes(reduction_axes, x.ndim, "reduction_axes"))
-    scale = check_shape(scale, shape, "scale")
-    bias = check_shape(bias, shape, "bias")
-    out = output_dtype(dtype, x, scale, bias)
-    if x.size == 0:
-        return x.astype(out)
-    config = RowNormConfig(float(eps), centered, out, make_tiling(rows, features))
-    scale = jnp.ones((features,), jnp.float32) if scale is None else scale.reshape(features)
-    bias = jnp.zeros((features,), jnp.float32) if bias is None else bias.reshape(features)
-    return row_norm(x.reshape(rows, features), scale, bias, config).reshape(x.shape)
