@@ -5,6 +5,7 @@ script's CPU path. Shapes are small: interpret mode is slow."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -286,3 +287,172 @@ def test_group_modules_and_errors() -> None:
         jaxnorm.instance_norm(x, return_moments=True, implementation="pallas")
     with pytest.raises(ValueError, match="implementation must be one of"):
         jaxnorm.group_norm(x, num_groups=2, implementation="cuda")
+
+
+# Routing: every layer reaches its kernel through the dispatcher (jaxnorm._pallas_dispatch),
+# and automatic selection (jaxnorm._implementation.select_implementation) never raises.
+
+from jaxnorm import _implementation, _pallas_dispatch  # noqa: E402
+from jaxnorm._affine import NormSpec  # noqa: E402
+from jaxnorm._dispatch import normalize_over  # noqa: E402
+from jaxnorm._implementation import KernelCase, select_implementation  # noqa: E402
+
+LAYERS = {
+    "LayerNorm": (jaxnorm.layer_norm, {}, "row"),
+    "RMSNorm": (jaxnorm.rms_norm, {}, "row"),
+    "GroupNorm": (jaxnorm.group_norm, {"num_groups": 2}, "group"),
+    "InstanceNorm": (jaxnorm.instance_norm, {}, "group"),
+}
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list[str]:
+    """The kernels the dispatcher runs, in order (``"row"``/``"group"``), spied on."""
+    calls: list[str] = []
+    for name, attribute in (("row", "row_norm"), ("group", "group_norm_rows")):
+        kernel = getattr(_pallas_dispatch, attribute)
+
+        def spy(*args, _kernel=kernel, _name=name):
+            calls.append(_name)
+            return _kernel(*args)
+
+        monkeypatch.setattr(_pallas_dispatch, attribute, spy)
+    return calls
+
+
+@pytest.fixture
+def automatic_pallas(monkeypatch) -> list[KernelCase]:
+    """Automatic selection as on a GPU whose timing table takes every kernel case; the
+    cases it was asked about, in order."""
+    seen: list[KernelCase] = []
+    monkeypatch.setattr(_implementation, "gpu_backend", lambda: True)
+    monkeypatch.setattr(_implementation, "AUTOMATIC_PALLAS",
+                        (lambda case: seen.append(case) or True,))
+    return seen
+
+
+def test_select_implementation(monkeypatch) -> None:
+    case = KernelCase("row", "float32", True, 10, 3)
+    assert select_implementation("pallas", None) == "pallas"
+    assert select_implementation("xla", case) == "xla"
+    assert select_implementation(None, case) == "xla"  # the table is empty
+    assert _implementation.AUTOMATIC_PALLAS == ()
+    monkeypatch.setattr(_implementation, "gpu_backend", lambda: True)
+    assert select_implementation(None, case) == "xla"
+    monkeypatch.setattr(_implementation, "AUTOMATIC_PALLAS", (lambda c: c.features >= 10,))
+    assert select_implementation(None, case) == "pallas"
+    assert select_implementation(None, KernelCase("row", "float32", True, 9, 3)) == "xla"
+    assert select_implementation(None, None) == "xla"
+    monkeypatch.setattr(_implementation, "gpu_backend", lambda: False)
+    assert select_implementation(None, case) == "xla"
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        select_implementation("Pallas", case)
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_explicit_pallas_runs_the_layer_kernel_through_the_dispatcher(
+    layer: str, kernel_calls: list[str]
+) -> None:
+    norm, options, kernel = LAYERS[layer]
+    x, scale, bias, _ = _group_inputs((2, 3, 5, 8), jnp.float32, seed=9)
+    xla = norm(x, scale, bias, eps=EPS, implementation="xla", **options)
+    automatic = norm(x, scale, bias, eps=EPS, **options)
+    assert kernel_calls == []  # XLA, and automatic on the CPU with the empty table
+    ours = norm(x, scale, bias, eps=EPS, implementation="pallas", **options)
+    assert kernel_calls == [kernel]
+    _close(ours, xla, 2e-5)
+    _close(automatic, xla, 0)
+
+
+@pytest.mark.parametrize("layer,shape", [
+    ("LayerNorm", (4, 6)), ("RMSNorm", (2, 3, 6)), ("InstanceNorm", (2, 5, 6)),
+])
+def test_normalize_over_with_a_pallas_spec_returns_y_alone(layer: str, shape) -> None:
+    x = jax.random.normal(jax.random.key(10), shape)
+    scale = jnp.linspace(0.5, 1.5, 6).reshape((1,) * (len(shape) - 1) + (6,))
+    reduction = tuple(range(1, len(shape) - 1)) if layer == "InstanceNorm" else (
+        len(shape) - 1,)
+    spec = NormSpec(reduction, EPS, jnp.dtype(jnp.float32), layer != "RMSNorm",
+                    implementation="pallas", layer=layer)
+    y, *statistics = normalize_over(x, scale, None, spec, statistics=False)
+    assert statistics == [None, None, None]
+    xla = normalize_over(x, scale, None, dataclasses.replace(spec, implementation="xla"))
+    _close(y, xla[0], 2e-5)
+    assert all(s is not None for s in xla[1:])
+    with pytest.raises(ValueError, match="implementation='pallas'.*return_moments"):
+        normalize_over(x, scale, None, spec)  # the caller needs the statistics
+
+
+@pytest.mark.parametrize("layer,shape,expected", [
+    ("LayerNorm", (3, 10), KernelCase("row", "float32", True, 10, 3)),
+    ("RMSNorm", (2, 3, 10), KernelCase("row", "float32", False, 10, 6)),
+    ("GroupNorm", (2, 4, 4, 8), KernelCase("group", "float32", True, 8, 32, 2, 16)),
+    ("InstanceNorm", (2, 4, 4, 8), KernelCase("group", "float32", True, 8, 32, 8, 16)),
+])
+def test_automatic_selection_takes_the_kernel_where_the_table_says(
+    layer: str, shape, expected: KernelCase, kernel_calls: list[str],
+    automatic_pallas: list[KernelCase],
+) -> None:
+    norm, options, kernel = LAYERS[layer]
+    x = jax.random.normal(jax.random.key(11), shape)
+    ours = norm(x, eps=EPS, **options)
+    assert automatic_pallas == [expected] and kernel_calls == [kernel]
+    _close(ours, norm(x, eps=EPS, implementation="xla", **options), 2e-5)
+
+
+def _ineligible_cases() -> list:
+    x = jax.random.normal(jax.random.key(12), (2, 3, 4, 8))
+    scale = jnp.linspace(0.5, 1.5, 8)
+    return [
+        pytest.param(lambda impl: jaxnorm.layer_norm(x, mask=x > 0, implementation=impl),
+                     id="mask"),
+        pytest.param(lambda impl: jaxnorm.rms_norm(x.astype(jnp.complex64),
+                                                   implementation=impl), id="complex"),
+        pytest.param(lambda impl: jaxnorm.layer_norm(x, reduction_axes=1, feature_axes=1,
+                                                     implementation=impl), id="not-trailing"),
+        pytest.param(lambda impl: jaxnorm.layer_norm(
+            x, jnp.ones((4, 8)), reduction_axes=-1, feature_axes=(2, 3), implementation=impl),
+            id="feature-axes"),
+        pytest.param(lambda impl: jaxnorm.group_norm(x, num_groups=3, feature_axis=1,
+                                                     implementation=impl), id="group-nchw"),
+        pytest.param(lambda impl: jaxnorm.instance_norm(x, feature_axes=1,
+                                                        implementation=impl), id="instance-nchw"),
+        pytest.param(lambda impl: jaxnorm.instance_norm(x, scale, return_moments=True,
+                                                        implementation=impl)[1].var,
+                     id="return-moments"),
+        pytest.param(lambda impl: jax.jit(lambda e: jaxnorm.layer_norm(
+            x, eps=e, implementation=impl))(1e-3), id="traced-eps"),
+        pytest.param(lambda impl: jax.vmap(lambda row: jaxnorm.layer_norm(
+            row, axis_name="batch", implementation=impl), axis_name="batch")(x),
+            id="axis-name"),
+        pytest.param(lambda impl: jaxnorm.layer_norm(jnp.ones((1, 70000)), implementation=impl),
+                     id="row-too-long"),
+    ]
+
+
+@pytest.mark.parametrize("call", _ineligible_cases())
+def test_automatic_selection_falls_back_to_xla_for_an_ineligible_case(
+    call, kernel_calls: list[str], automatic_pallas: list[KernelCase]
+) -> None:
+    """Where explicit ``"pallas"`` raises, automatic (even with a table taking every case)
+    computes the XLA result silently."""
+    with pytest.raises(ValueError, match="implementation='pallas'"):
+        call("pallas")
+    ours = call(None)
+    assert kernel_calls == [] and automatic_pallas == []
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(call("xla")))
+
+
+def test_group_kernel_shapes_through_the_dispatcher(kernel_calls: list[str]) -> None:
+    """GroupNorm of ``(B, C)`` and of two spatial axes with a group per channel,
+    InstanceNorm of ``(N, C)`` with ``allow_single_value``: the group kernel equals XLA."""
+    x = jax.random.normal(jax.random.key(13), (3, 2, 5, 6))
+    cases = (
+        lambda i: jaxnorm.group_norm(x[:, 0, 0], num_groups=3, implementation=i),
+        lambda i: jaxnorm.group_norm(x, num_groups=None, group_size=1, implementation=i),
+        lambda i: jaxnorm.instance_norm(x[:, 0, 0], jnp.ones(6), jnp.arange(6.0),
+                                        allow_single_value=True, implementation=i),
+    )
+    for norm in cases:
+        _close(norm("pallas"), norm("xla"), 2e-5)
+    assert kernel_calls == ["group"] * len(cases)
