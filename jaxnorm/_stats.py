@@ -291,7 +291,7 @@ def _first_element_shifted(x: jax.Array, raw: jax.Array, axes: tuple[int, ...]
 
 
 def _needs_refinement(dtype: Any, shape: tuple[int, ...], axes: tuple[int, ...]) -> bool:
-    """Whether :func:`_refined_rows` must refine the mean: not for half-precision rows
+    r"""Whether :func:`_refined_rows` must refine the mean: not for half-precision rows
     whose length :math:`n` is a power of two of at most 2**13 (float16) or 2**16
     (bfloat16) values. Their float32 sum is exact (11 or 8 significant bits each, 24 in
     float32) and so is the division by :math:`n`, which XLA compiles as a multiplication

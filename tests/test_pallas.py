@@ -292,7 +292,7 @@ def test_group_modules_and_errors() -> None:
 # Routing: every layer reaches its kernel through the dispatcher (jaxnorm._pallas_dispatch),
 # and automatic selection (jaxnorm._implementation.select_implementation) never raises.
 
-from jaxnorm import _implementation, _pallas_dispatch  # noqa: E402
+from jaxnorm import _implementation, _pallas_dispatch, _pallas_tuning  # noqa: E402
 from jaxnorm._affine import NormSpec  # noqa: E402
 from jaxnorm._dispatch import normalize_over  # noqa: E402
 from jaxnorm._implementation import KernelCase, select_implementation  # noqa: E402
@@ -326,8 +326,9 @@ def automatic_pallas(monkeypatch) -> list[KernelCase]:
     cases it was asked about, in order."""
     seen: list[KernelCase] = []
     monkeypatch.setattr(_implementation, "gpu_backend", lambda: True)
-    monkeypatch.setattr(_implementation, "AUTOMATIC_PALLAS",
-                        (lambda case: seen.append(case) or True,))
+    monkeypatch.setattr(_implementation, "kernel_stays_local", lambda: True)
+    monkeypatch.setattr(_implementation, "measured_kernel_faster",
+                        lambda case: seen.append(case) or True)
     return seen
 
 
@@ -335,13 +336,27 @@ def test_select_implementation(monkeypatch) -> None:
     case = KernelCase("row", "float32", True, 10, 3)
     assert select_implementation("pallas", None) == "pallas"
     assert select_implementation("xla", case) == "xla"
-    assert select_implementation(None, case) == "xla"  # the table is empty
-    assert _implementation.AUTOMATIC_PALLAS == ()
+    assert select_implementation(None, case) == "xla"  # not on a GPU
+    monkeypatch.setattr(_pallas_tuning, "MEASURED_FASTER", [])
     monkeypatch.setattr(_implementation, "gpu_backend", lambda: True)
-    assert select_implementation(None, case) == "xla"
-    monkeypatch.setattr(_implementation, "AUTOMATIC_PALLAS", (lambda c: c.features >= 10,))
-    assert select_implementation(None, case) == "pallas"
-    assert select_implementation(None, KernelCase("row", "float32", True, 9, 3)) == "xla"
+    monkeypatch.setattr(_implementation, "kernel_stays_local", lambda: True)
+    assert select_implementation(None, case) == "xla"  # no measurements
+    monkeypatch.setattr(_pallas_tuning, "MEASURED_FASTER", [
+        {"kernel": "layer_norm", "dtype": "float32", "width": 16, "pallas": True},
+        {"kernel": "rms_norm", "dtype": "float32", "width": 16, "pallas": False},
+        {"kernel": "group_norm", "dtype": "bfloat16", "width": 256, "pallas": True},
+        {"kernel": "instance_norm", "dtype": "bfloat16", "width": 256, "pallas": False}])
+    assert select_implementation(None, case) == "pallas"  # 10 features: width 16
+    assert select_implementation(None, KernelCase("row", "float32", True, 9, 3)) == "pallas"
+    assert select_implementation(None, KernelCase("row", "float32", True, 64, 3)) == "xla"
+    assert select_implementation(None, KernelCase("row", "float32", False, 10, 3)) == "xla"
+    assert select_implementation(None, KernelCase("row", "bfloat16", True, 10, 3)) == "xla"
+    group = KernelCase("group", "bfloat16", True, 256, 64, 32, 16)
+    assert select_implementation(None, group) == "pallas"
+    instance = KernelCase("group", "bfloat16", True, 256, 64, 256, 16)
+    assert select_implementation(None, instance) == "xla"
+    monkeypatch.setattr(_implementation, "kernel_stays_local", lambda: False)
+    assert select_implementation(None, case) == "xla"  # GSPMD could partition the call
     assert select_implementation(None, None) == "xla"
     monkeypatch.setattr(_implementation, "gpu_backend", lambda: False)
     assert select_implementation(None, case) == "xla"
@@ -456,3 +471,30 @@ def test_group_kernel_shapes_through_the_dispatcher(kernel_calls: list[str]) -> 
     for norm in cases:
         _close(norm("pallas"), norm("xla"), 2e-5)
     assert kernel_calls == ["group"] * len(cases)
+
+
+def test_automatic_kernels_only_where_the_call_stays_on_one_device() -> None:
+    """GSPMD cannot partition a Pallas kernel: automatic selection keeps it to
+    ``shard_map``/``pmap`` bodies and single-device runs."""
+    from jax.sharding import AxisType, PartitionSpec
+
+    seen = {}
+    devices = jax.device_count()
+
+    def probe(tag):
+        seen[tag] = _implementation.kernel_stays_local()
+
+    jax.jit(lambda x: (probe("jit"), x)[1])(jnp.ones(4))
+    assert seen["jit"] == (devices == 1)
+    jax.vmap(lambda x: (probe("vmap"), x)[1], axis_name="v")(jnp.ones(4))
+    assert seen["vmap"] == (devices == 1)
+    if devices < 2:
+        return
+    mesh = jax.make_mesh((2,), ("d",), axis_types=(AxisType.Auto,),
+                         devices=jax.devices()[:2])
+    with jax.set_mesh(mesh):
+        jax.jit(lambda x: (probe("auto"), x)[1])(jnp.ones(4))
+        jax.jit(jax.shard_map(lambda x: (probe("shard_map"), x)[1],
+                              in_specs=PartitionSpec("d"), out_specs=PartitionSpec("d")))(
+            jnp.ones(4))
+    assert not seen["auto"] and seen["shard_map"]
