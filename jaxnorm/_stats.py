@@ -235,7 +235,8 @@ def _cpu_moments(x: jax.Array, axes: tuple[int, ...], raw: jax.Array | None = No
     unconverted ``x``) itself: a converted copy passed in would be stored full-size."""
     raw = x if raw is None else raw
     if axes == tuple(range(x.ndim - len(axes), x.ndim)):
-        return _refined_rows(x, axes, refine=_needs_refinement(raw.dtype, x.shape, axes))
+        return _refined_rows(x, axes, _mean_correction(raw.dtype, x.shape, axes),
+                             raw.dtype)
     count = element_count(x.shape, axes, None, x.dtype)
     safe_count = jnp.maximum(count, 1)  # empty sets: 0, not NaN
     mean = jnp.sum(x, axis=axes, keepdims=True) / safe_count
@@ -268,7 +269,8 @@ def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
 
     def gpu(x: jax.Array, raw: jax.Array) -> ShiftedMoments:
         if contiguous:
-            return _refined_rows(x, axes, refine=_needs_refinement(raw.dtype, x.shape, axes))
+            return _refined_rows(x, axes, _mean_correction(raw.dtype, x.shape, axes),
+                             raw.dtype)
         return _split_shifted(x, raw, axes)
 
     def tpu(x: jax.Array, raw: jax.Array) -> ShiftedMoments:
@@ -290,36 +292,66 @@ def _first_element_shifted(x: jax.Array, raw: jax.Array, axes: tuple[int, ...]
     return _from_sums(pivot, *_shifted_sums(x, pivot, axes, None))
 
 
-def _needs_refinement(dtype: Any, shape: tuple[int, ...], axes: tuple[int, ...]) -> bool:
-    r"""Whether :func:`_refined_rows` must refine the mean: not for half-precision rows
-    whose length :math:`n` is a power of two of at most 2**13 (float16) or 2**16
-    (bfloat16) values. Their float32 sum is exact (11 or 8 significant bits each, 24 in
-    float32) and so is the division by :math:`n`, which XLA compiles as a multiplication
-    by :math:`1/n`: exact for a power of two only (for other lengths a constant row's mean
-    would be one rounding off, amplified by :math:`1/\sqrt\epsilon` in the output).
-    Skipping it lets XLA:GPU fuse the rows' statistics and output into one kernel when the
-    parameters are half precision too (it does not with three row reductions)."""
-    itemsize = jnp.dtype(dtype).itemsize
-    if itemsize >= 4:
-        return True
+def _mean_correction(dtype: Any, shape: tuple[int, ...], axes: tuple[int, ...]) -> str:
+    r"""How :func:`_refined_rows` makes a constant row's mean exact. XLA divides by
+    :math:`n` as a multiplication by :math:`1/n` (and XLA:GPU's division is not correctly
+    rounded either), so :math:`\sum x / n` of :math:`n` copies of :math:`c` may be a
+    rounding off :math:`c`, which the output amplifies by :math:`1/\sqrt\epsilon`.
+
+    - ``"none"``: half-precision rows of a power-of-two length up to 2**13 (float16) or
+      2**16 (bfloat16): the float32 sum is exact (11 or 8 significant bits each, 24 in
+      float32) and so is its product with :math:`1/n`.
+    - ``"snap"``: other half-precision rows up to those lengths: the sum is exact, and a
+      mean within :math:`2\epsilon_{32}|m|` of a value of the input's dtype is that value
+      (:func:`_snapped_mean`).
+    - ``"refine"``: longer or float32 rows: a second sum refines the mean.
+
+    Without refinement XLA:GPU fuses the rows' statistics and output into one kernel also
+    with half-precision parameters (with three row reductions it does not)."""
+    if jnp.dtype(dtype).itemsize >= 4:
+        return "refine"
     length = math.prod(shape[a] for a in axes)
-    exact_rows = 2 ** (24 - jnp.finfo(dtype).nmant - 1)
-    return length > exact_rows or length & (length - 1) != 0
+    if length > 2 ** (24 - jnp.finfo(dtype).nmant - 1):
+        return "refine"
+    return "none" if length & (length - 1) == 0 else "snap"
 
 
-def _refined_rows(x: jax.Array, axes: tuple[int, ...], refine: bool = True
-                  ) -> ShiftedMoments:
-    r"""Three reductions of each row, fused by XLA into the row's one kernel: the mean
-    :math:`m`, the refined mean :math:`m + \frac1n\sum (x - m)` (exact for constant rows),
-    and :math:`\frac1n\sum (x - \mu)^2`. ``pivot`` is the refined mean. ``refine=False``
-    skips the refinement, for half-precision rows of a power-of-two length up to 2**13
-    float16 / 2**16 bfloat16 values: their float32 sum is exact and so is its product
-    with :math:`1/n`, so a constant row's mean is exact (:func:`_needs_refinement`)."""
+def _snapped_mean(mean: jax.Array, dtype: Any) -> jax.Array:
+    r"""``mean`` (float32) replaced by the nearest value of the half-precision ``dtype``
+    where it lies within 2 float32 roundings of it (:math:`2\epsilon_{32}|m|`): exactly the
+    constant of a constant row, whose float32 mean is the constant times :math:`n` (exact)
+    times :math:`1/n` (one rounding each), and elsewhere a move :math:`d` of at most 4
+    roundings, which adds :math:`d^2 \le (4\epsilon_{32}\mu)^2` to the variance: below
+    its own rounding unless :math:`|\mu|/\sigma > 10^3`, where half-precision values are
+    quantized to a few levels. (Correcting the variance for it would cost XLA:GPU its
+    one-kernel fusion.)"""
+    info = jnp.finfo(dtype)
+    nearest = lax.reduce_precision(mean, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    close = jnp.abs(mean - nearest) <= 2 * jnp.finfo(mean.dtype).eps * jnp.abs(mean)
+    return jnp.where(close, nearest, mean)
+
+
+def _refined_rows(x: jax.Array, axes: tuple[int, ...], correction: str = "refine",
+                  dtype: Any = None) -> ShiftedMoments:
+    r"""Row reductions fused by XLA into the row's one kernel: the mean :math:`m`, made
+    exact for a constant row as ``correction`` says (:func:`_mean_correction`:
+    ``"refine"``, :math:`m + \frac1n\sum (x - m)`; ``"snap"``, :func:`_snapped_mean` to
+    ``dtype``; ``"none"``), and
+    :math:`\frac1n\sum (x - m)^2`. ``pivot`` is that mean.
+
+    Args:
+      x: the rows, float32.
+      axes: the trailing axes of a row.
+      correction: ``"refine"``, ``"snap"`` or ``"none"``.
+      dtype: the input's half-precision dtype, for ``"snap"``.
+    """
     count = element_count(x.shape, axes, None, x.dtype)
     safe_count = jnp.maximum(count, 1)  # empty sets: 0, not NaN
     mean = jnp.sum(x, axis=axes, keepdims=True) / safe_count
-    if refine:
+    if correction == "refine":
         mean = mean + jnp.sum(x - mean, axis=axes, keepdims=True) / safe_count
+    elif correction == "snap":
+        mean = _snapped_mean(mean, dtype)
     var = jnp.sum(jnp.square(x - mean), axis=axes, keepdims=True) / safe_count
     return ShiftedMoments(mean, jnp.zeros_like(mean), var, _count_like(count, mean))
 

@@ -292,3 +292,25 @@ def test_tpu_group_pivot_is_exact_for_constant_groups():
     moments = _group_pivot_shifted(x, axes)
     np.testing.assert_array_equal(np.asarray(moments.mean), np.float32(-123.456))
     np.testing.assert_array_equal(np.asarray(moments.var), 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("width", [768, 1000, 1024])
+@pytest.mark.parametrize("offset", [0.0, 100.0, 3000.0])
+def test_half_precision_rows_keep_two_pass_accuracy(dtype, width, offset):
+    # Half-precision rows take the mean without a refining pass: exact sums, and for a
+    # length that is not a power of two the mean snapped to the input's dtype when within
+    # 2 * eps32 * |mean| of it. Either way the statistics match float64 of the same values.
+    rng = np.random.default_rng(width)
+    x = jnp.asarray(offset + rng.normal(size=(6, width)) * np.geomspace(1e-2, 1e2, 6)[:, None],
+                    dtype)
+    correction = _stats._mean_correction(dtype, x.shape, (1,))
+    assert correction == ("none" if width == 1024 else "snap")
+    moments = _stats._refined_rows(x.astype(jnp.float32), (1,), correction, dtype)
+    exact = np.asarray(x, np.float64)
+    np.testing.assert_allclose(np.asarray(moments.mean)[:, 0], exact.mean(1), rtol=2e-6,
+                               atol=1e-7)
+    # a snapped mean moves by d <= 4 float32 roundings, adding d**2 to the variance
+    moved = (4 * np.finfo(np.float32).eps * np.abs(exact.mean(1))) ** 2
+    error = np.abs(np.asarray(moments.var)[:, 0] - exact.var(1))
+    assert np.all(error <= 1e-5 * exact.var(1) + moved), (error, exact.var(1), moved)
