@@ -8,21 +8,24 @@
 #    XLA; the table jaxnorm/_pallas_tuning.py is regenerated from the run (copied to $OUT).
 # 2. the Pallas, tuning, README and reliability tests on the GPU (kernels compiled, not
 #    interpreted), under a time limit.
+# 2b. benchmarks/pallas_check.py with JAXNORM_PALLAS_ROW_BACKEND=mosaic_gpu: the Mosaic GPU
+#    row kernels (LayerNorm/RMSNorm) checked against XLA and timed.
 # 3. benchmarks/tokamax_check.py: tokamax's LayerNorm/RMSNorm against jaxnorm's, when the
 #    wheels in .whl/ (tokamax and what it needs beyond the machine's packages) install.
 # 4. benchmarks/gpu_timing.sh: the whole sweep, jaxnorm (automatic selection, now reading
 #    the new table) against Flax, jaxnorm-pallas, PyTorch eager and torch.compile.
 #
-# Environment: OUT (default benchmarks/gpu/round), TUNE_S, TEST_S, TOKAMAX_S, TIMING_S
-# (seconds of each step: 200, 60, 70, 230).
+# Environment: OUT (default benchmarks/gpu/round), TUNE_S, TEST_S, MOSAIC_S, TOKAMAX_S,
+# TIMING_S (seconds of each step: 170, 60, 50, 60, 230).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO" || exit 1
 OUT="${OUT:-$REPO/benchmarks/gpu/round}"
-TUNE_S="${TUNE_S:-200}"
+TUNE_S="${TUNE_S:-170}"
 TEST_S="${TEST_S:-60}"
-TOKAMAX_S="${TOKAMAX_S:-70}"
+MOSAIC_S="${MOSAIC_S:-50}"
+TOKAMAX_S="${TOKAMAX_S:-60}"
 TIMING_S="${TIMING_S:-230}"
 mkdir -p "$OUT"
 export PYTHONPATH="$REPO" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -38,9 +41,14 @@ cp jaxnorm/_pallas_tuning.py "$OUT/"
 
 log "2. tests on the GPU ($TEST_S s)"
 JAX_PLATFORMS=cuda timeout "$TEST_S" python3 -m pytest -q -n 8 -p no:cacheprovider \
-    tests/test_pallas.py tests/test_pallas_tuning.py tests/test_readme.py \
+    tests/test_pallas.py tests/test_pallas_mosaic.py tests/test_pallas_tuning.py tests/test_readme.py \
     tests/test_reliability.py 2>&1 | tail -n 40
 log "tests exit ${PIPESTATUS[0]}"
+
+log "2b. Mosaic GPU row kernels ($MOSAIC_S s)"
+JAXNORM_PALLAS_ROW_BACKEND=mosaic_gpu timeout "$MOSAIC_S" python3 benchmarks/pallas_check.py \
+    "$OUT/pallas_check_mosaic.json" --kinds layer_norm rms_norm --budget $((MOSAIC_S - 20))
+log "mosaic exit $?"
 
 log "3. tokamax ($TOKAMAX_S s)"
 if compgen -G ".whl/*.whl" >/dev/null && python3 -m pip install -q --no-index --no-deps \

@@ -4,6 +4,8 @@ Usage (repository root on ``PYTHONPATH``, no installs)::
 
     python3 benchmarks/pallas_check.py OUT.json            # on a GPU: the sweep
     python3 benchmarks/pallas_check.py OUT.json --tiny     # anywhere: small, interpreted
+    JAXNORM_PALLAS_ROW_BACKEND=mosaic_gpu python3 benchmarks/pallas_check.py OUT.json \
+        --kinds layer_norm rms_norm                        # the Mosaic GPU row kernels
 
 For each case (kernel, shape, dtype) it compiles the forward and the forward+backward of
 both paths, checks the kernel's ``y``, ``dx``, ``dscale``, ``dbias`` against XLA's, and
@@ -27,6 +29,7 @@ import argparse
 import glob
 import json
 import math
+import os
 import pathlib
 import platform
 import sys
@@ -270,6 +273,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="the dtypes to run")
     parser.add_argument("--budget", type=float, default=100.0,
                         help="seconds after which the remaining cases are skipped")
+    parser.add_argument("--kinds", nargs="+", choices=list(PASSES), default=list(PASSES),
+                        help="the kernels to run (all by default)")
     return parser.parse_args(argv)
 
 
@@ -278,6 +283,7 @@ def _environment() -> dict[str, Any]:
     return {"jax": jax.__version__, "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind), "python": platform.python_version(),
             "pallas_backend": "triton (jax.experimental.pallas.triton); interpret off GPU",
+            "row_backend": os.environ.get("JAXNORM_PALLAS_ROW_BACKEND") or "default",
             "timing": "per case: profiler (GPU kernel time) or wall (pipelined calls)"}
 
 
@@ -286,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     ran passed its check, 1 otherwise."""
     options = _parse(argv)
     calls, repeats = (2, 1) if options.tiny else (options.calls, options.repeats)
-    shapes = TINY if options.tiny else SWEEP
+    shapes = [case for case in (TINY if options.tiny else SWEEP) if case[0] in options.kinds]
     results: dict[str, Any] = {"environment": _environment(), "cases": []}
     out = pathlib.Path(options.out)
     start = time.perf_counter()

@@ -5,8 +5,9 @@ r"""The Pallas GPU backend of the dispatcher: which normalizations a Pallas kern
 recognizes from ``x``'s shape, the reduction axes and the parameters' shapes whether a
 kernel takes it:
 
-- the **row kernel** (:mod:`jaxnorm._pallas_layer_norm`), LayerNorm (``centered``) and
-  RMSNorm: the reduction is the last :math:`k` axes and ``scale``/``bias`` span the same
+- the **row kernel**, LayerNorm (``centered``) and RMSNorm, by Triton
+  (:mod:`jaxnorm._pallas_layer_norm`) or Mosaic GPU (:mod:`jaxnorm._pallas_mosaic_rows`,
+  rows of :math:`128k` features; :func:`row_backend` chooses): the reduction is the last :math:`k` axes and ``scale``/``bias`` span the same
   axes; ``x`` is viewed as :math:`R` rows of :math:`N`, and per row
   :math:`y = (x - \mu)\,\gamma/\sqrt{\sigma^2 + \epsilon} + \beta` (:math:`\mu = 0` for
   RMSNorm);
@@ -28,18 +29,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jaxnorm import _pallas_mosaic_rows as mosaic_rows
 from jaxnorm._affine import NormSpec
 from jaxnorm._implementation import KernelCase, select_implementation
-from jaxnorm._pallas_common import check_backend_available, make_tiling
+from jaxnorm._pallas_common import (
+    check_backend_available,
+    interpret_mode,
+    make_tiling,
+    pl_triton,
+)
 from jaxnorm._pallas_errors import check_pallas_arguments, unsupported
 from jaxnorm._pallas_group_norm import GroupNormConfig, group_norm_rows, make_group_tiling
 from jaxnorm._pallas_layer_norm import RowNormConfig, row_norm
+from jaxnorm._pallas_mosaic_rows import MosaicRowConfig, mosaic_row_norm
 from jaxnorm._sharding import explicit_shards
 
 Array = jax.Array
@@ -55,7 +64,15 @@ class KernelPlan:
     """
 
     case: KernelCase
-    config: RowNormConfig | GroupNormConfig | None
+    config: RowNormConfig | MosaicRowConfig | GroupNormConfig | None
+
+
+ROW_BACKENDS = ("triton", "mosaic_gpu")
+"""The GPU backends of the row kernels."""
+
+ROW_BACKEND: str | None = None
+"""Which backend computes the row kernels (``"triton"`` or ``"mosaic_gpu"``); None: the
+environment variable ``JAXNORM_PALLAS_ROW_BACKEND``, else :func:`row_backend`'s default."""
 
 
 def _trailing_rows(x: Array, reduction: tuple[int, ...], parameters: tuple[Array | None, ...]
@@ -82,12 +99,36 @@ def _trailing_rows(x: Array, reduction: tuple[int, ...], parameters: tuple[Array
     return x.size // max(features, 1), features
 
 
+def row_backend(features: int, dtype: Any) -> str:
+    """The backend of the row kernel for rows of ``features`` values of ``dtype``.
+
+    :data:`ROW_BACKEND` (else ``$JAXNORM_PALLAS_ROW_BACKEND``) names it; by default
+    ``"triton"``, the kernels timed on an H200, or ``"mosaic_gpu"`` where this JAX has no
+    Triton backend. ``"mosaic_gpu"`` applies only to the rows its kernels take
+    (:func:`jaxnorm._pallas_mosaic_rows.takes`); other rows take Triton.
+    """
+    requested = ROW_BACKEND or os.environ.get("JAXNORM_PALLAS_ROW_BACKEND") or None
+    if requested is not None and requested not in ROW_BACKENDS:
+        raise ValueError(
+            f"JAXNORM_PALLAS_ROW_BACKEND (or _pallas_dispatch.ROW_BACKEND) must be one of "
+            f"{ROW_BACKENDS}, got {requested!r}"
+        )
+    wanted = requested or ("triton" if pl_triton is not None else "mosaic_gpu")
+    return "mosaic_gpu" if wanted == "mosaic_gpu" and mosaic_rows.takes(features, dtype) else "triton"
+
+
 def _row_plan(x: Array, scale: Array | None, bias: Array | None, spec: NormSpec) -> KernelPlan:
     """The row kernel's plan for LayerNorm/RMSNorm over the trailing axes."""
     rows, features = _trailing_rows(x, spec.reduction, (scale, bias))
-    case = KernelCase("row", x.dtype.name, spec.centered, features, rows)
+    backend = row_backend(features, x.dtype)
+    case = KernelCase("row", x.dtype.name, spec.centered, features, rows, backend=backend)
+    if backend == "triton":
+        check_backend_available()
     if x.size == 0:
         return KernelPlan(case, None)
+    if backend == "mosaic_gpu":
+        return KernelPlan(case, MosaicRowConfig(spec.eps, spec.centered, spec.dtype, rows,
+                                                features, interpret_mode()))
     return KernelPlan(
         case, RowNormConfig(spec.eps, spec.centered, spec.dtype, make_tiling(rows, features))
     )
@@ -113,6 +154,7 @@ def _group_plan(x: Array, scale: Array | None, bias: Array | None, spec: NormSpe
     case = KernelCase("group", x.dtype.name, True, channels, batch * spatial, groups, spatial)
     if x.size == 0:
         return KernelPlan(case, None)
+    check_backend_available()
     tiling = make_group_tiling(batch, spatial, channels, groups)
     return KernelPlan(case, GroupNormConfig(spec.eps, spec.dtype, tiling))
 
@@ -143,7 +185,8 @@ def kernel_plan(
     mask: Array | None, axis_name: Any, eps: Any, statistics: bool,
 ) -> KernelPlan:
     r"""The kernel that computes this normalization; ``ValueError`` naming
-    ``implementation`` (``RuntimeError`` without the Pallas Triton backend) when none does.
+    ``implementation`` (``RuntimeError`` without the Pallas backend it needs) when none
+    does.
 
     The kernels take the two-pass variance whatever ``spec.fast_variance`` asks, and ignore
     ``axis_index_groups`` (they take no ``axis_name``).
@@ -161,7 +204,6 @@ def kernel_plan(
     """
     if statistics:
         raise unsupported("return_moments (running statistics)")
-    check_backend_available()
     check_pallas_arguments(x, spec.eps if eps is None else eps, mask=mask, axis_name=axis_name)
     return LAYERS[spec.layer](x, scale, bias, spec)
 
@@ -186,8 +228,9 @@ def run_plan(plan: KernelPlan, x: Array, scale: Array | None, bias: Array | None
     rows, features = plan.case.rows, plan.case.features
     scale = jnp.ones((features,), jnp.float32) if scale is None else scale.reshape(features)
     bias = jnp.zeros((features,), jnp.float32) if bias is None else bias.reshape(features)
-    kernel = row_norm if plan.case.kernel == "row" else group_norm_rows
-    return kernel(x.reshape(rows, features), scale, bias, plan.config).reshape(x.shape)
+    kernels = {RowNormConfig: row_norm, MosaicRowConfig: mosaic_row_norm,
+               GroupNormConfig: group_norm_rows}
+    return kernels[type(plan.config)](x.reshape(rows, features), scale, bias, plan.config).reshape(x.shape)
 
 
 def pallas_normalize(

@@ -1,0 +1,150 @@
+"""The Mosaic GPU row kernels (LayerNorm/RMSNorm), in Mosaic GPU interpret mode off a GPU:
+values and gradients against float64 references and the XLA path, rows spread over fewer
+programs than rows (several pipeline steps, a ragged last step), mixed dtypes, exact bias
+for constant rows, accuracy far from zero, and how the dispatcher chooses the backend.
+Shapes are small: the interpreter simulates every thread."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxnorm
+from jaxnorm import _pallas_dispatch, _pallas_mosaic_rows
+from jaxnorm._pallas_mosaic_rows import MosaicRowConfig, mosaic_row_norm
+
+pytestmark = pytest.mark.skipif(
+    not _pallas_mosaic_rows.available(), reason="this JAX lacks Mosaic GPU's interpret mode"
+)
+
+EPS = 1e-5
+
+
+def _reference(x, scale, bias, dy, centered: bool):
+    """float64 ``(y, dx, dscale, dbias)`` of a row normalization over the last axis."""
+    x, scale, bias, dy = (np.asarray(a, np.float64) for a in (x, scale, bias, dy))
+    centred = x - x.mean(-1, keepdims=True) if centered else x
+    rstd = 1 / np.sqrt((centred**2).mean(-1, keepdims=True) + EPS)
+    x_hat = centred * rstd
+    g = dy * scale
+    dx = g - x_hat * (g * x_hat).mean(-1, keepdims=True)
+    if centered:
+        dx = dx - g.mean(-1, keepdims=True)
+    return x_hat * scale + bias, dx * rstd, (dy * x_hat).sum(0), dy.sum(0)
+
+
+def _inputs(rows: int, features: int, dtype, param_dtype, seed: int = 0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    x = (jax.random.normal(keys[0], (rows, features)) * 2 + 1).astype(dtype)
+    scale = (1 + 0.5 * jax.random.normal(keys[1], (features,))).astype(param_dtype)
+    bias = jax.random.normal(keys[2], (features,)).astype(param_dtype)
+    out_dtype = jnp.promote_types(dtype, param_dtype)
+    dy = jax.random.normal(keys[3], (rows, features)).astype(out_dtype)
+    return x, scale, bias, dy
+
+
+def _value_and_grads(config: MosaicRowConfig, x, scale, bias, dy):
+    y, pullback = jax.vjp(lambda *a: mosaic_row_norm(*a, config), x, scale, bias)
+    return (y, *pullback(dy))
+
+
+@pytest.fixture
+def three_programs(monkeypatch):
+    """Every kernel runs 3 programs, so that 10 rows take 4 pipeline steps, the last one
+    ragged (a row past the end is read again and never stored)."""
+    monkeypatch.setattr(_pallas_mosaic_rows, "PROGRAMS", 3)
+
+
+@pytest.mark.parametrize("centered,rows,features,dtype,param_dtype,tol", [
+    (True, 10, 256, jnp.float32, jnp.float32, 2e-6),
+    (False, 10, 384, jnp.float32, jnp.float32, 2e-6),
+    (True, 7, 640, jnp.bfloat16, jnp.float32, 1e-2),
+    (False, 5, 512, jnp.bfloat16, jnp.bfloat16, 2e-2),
+])
+def test_values_and_gradients_match_float64(three_programs, centered, rows, features, dtype,
+                                            param_dtype, tol) -> None:
+    inputs = _inputs(rows, features, dtype, param_dtype)
+    out_dtype = jnp.promote_types(dtype, param_dtype)
+    config = MosaicRowConfig(EPS, centered, out_dtype, rows, features, interpret=True)
+    ours = _value_and_grads(config, *inputs)
+    for value, expected_dtype in zip(ours, (out_dtype, dtype, param_dtype, param_dtype)):
+        assert value.dtype == expected_dtype
+    for value, exact in zip(ours, _reference(*inputs, centered=centered)):
+        value = np.asarray(value, np.float64)
+        np.testing.assert_allclose(value, exact, rtol=tol, atol=tol * max(1.0, np.abs(exact).max()))
+
+
+def test_constant_rows_give_exactly_bias_and_far_rows_stay_accurate(three_programs) -> None:
+    features = 256
+    bias = jnp.linspace(-2.0, 2.0, features)
+    scale = jnp.full((features,), 1.5)
+    rows = jnp.stack([jnp.full((features,), c) for c in (0.0, 3.25, -1e4, 12345.678)])
+    config = MosaicRowConfig(EPS, True, jnp.float32, 4, features, interpret=True)
+    np.testing.assert_array_equal(mosaic_row_norm(rows, scale, bias, config),
+                                  np.broadcast_to(bias, rows.shape))
+    # far from zero: mean 1e4, spread 1 - the shift by the first element keeps the variance
+    x = 1e4 + jax.random.normal(jax.random.key(3), (4, features))
+    y = mosaic_row_norm(x, scale, bias, config)
+    exact = _reference(x, scale, bias, np.zeros(x.shape), centered=True)[0]
+    np.testing.assert_allclose(np.asarray(y, np.float64), exact, atol=2e-3)
+
+
+def test_the_dispatcher_runs_mosaic_where_asked_and_triton_for_other_widths(
+        monkeypatch, three_programs) -> None:
+    calls: list[str] = []
+    forward = _pallas_mosaic_rows._forward
+    monkeypatch.setattr(_pallas_mosaic_rows, "_forward",
+                        lambda *a: calls.append("mosaic") or forward(*a))
+    monkeypatch.setenv("JAXNORM_PALLAS_ROW_BACKEND", "mosaic_gpu")
+    x = jax.random.normal(jax.random.key(0), (2, 3, 256)) * 3 + 2
+    scale, bias = jnp.linspace(0.5, 1.5, 256), jnp.linspace(-1.0, 1.0, 256)
+
+    def loss(implementation, x, scale, bias):
+        return jnp.sum(jnp.sin(jaxnorm.layer_norm(x, scale, bias, implementation=implementation)))
+
+    ours = jax.value_and_grad(loss, argnums=(1, 2, 3))("pallas", x, scale, bias)
+    xla = jax.value_and_grad(loss, argnums=(1, 2, 3))("xla", x, scale, bias)
+    assert calls == ["mosaic"]
+    np.testing.assert_allclose(ours[0], xla[0], rtol=1e-5)
+    for a, b in zip(ours[1], xla[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # rows the Mosaic kernels do not take (not 128k features) go to the Triton kernel
+    assert _pallas_dispatch.row_backend(1000, jnp.float32) == "triton"
+    assert _pallas_dispatch.row_backend(256, jnp.float32) == "mosaic_gpu"
+    assert _pallas_dispatch.row_backend(16384, jnp.float32) == "triton"
+    monkeypatch.setenv("JAXNORM_PALLAS_ROW_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="JAXNORM_PALLAS_ROW_BACKEND.*'cuda'"):
+        jaxnorm.rms_norm(x, implementation="pallas")
+    monkeypatch.delenv("JAXNORM_PALLAS_ROW_BACKEND")
+    assert _pallas_dispatch.row_backend(256, jnp.float32) == "triton"
+
+
+def test_rms_norm_module_under_vmap_and_jit(monkeypatch, three_programs) -> None:
+    monkeypatch.setattr(_pallas_dispatch, "ROW_BACKEND", "mosaic_gpu")
+    x = jax.random.normal(jax.random.key(1), (2, 5, 128), jnp.bfloat16)
+    scale = jnp.linspace(0.5, 1.5, 128)
+
+    @jax.jit
+    def per_example(x, scale):
+        return jax.vmap(lambda row: jaxnorm.rms_norm(row, scale, implementation="pallas"))(x)
+
+    np.testing.assert_allclose(np.asarray(per_example(x, scale), np.float32),
+                               np.asarray(jaxnorm.rms_norm(x, scale, implementation="xla"),
+                                          np.float32), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("stage", ["forward", "backward"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_planned_settings_fit_an_sm(stage: str, dtype) -> None:
+    # Hopper: 227 KiB of shared memory a block, 64K registers an SM. The plan must fit one
+    # program's parameters (and backward accumulators) and its pipelined row copies.
+    for features in range(128, _pallas_mosaic_rows.MAX_FEATURES + 1, 128):
+        config = MosaicRowConfig(EPS, True, dtype, 100_000, features, interpret=False)
+        programs, stages = _pallas_mosaic_rows._settings(config, dtype, stage)
+        fixed = features * 4 * (3 if stage == "backward" else 2)
+        rows = features * (jnp.dtype(dtype).itemsize + (4 if stage == "backward" else 0))
+        assert 2 <= stages <= 4, (features, stages)
+        assert fixed + stages * rows <= 227 * 1024, (features, stages)
+        assert 132 <= programs <= 8 * 132, (features, programs)
