@@ -8,8 +8,8 @@
 #    XLA; the table jaxnorm/_pallas_tuning.py is regenerated from the run (copied to $OUT).
 # 2. the Pallas, tuning, README and reliability tests on the GPU (kernels compiled, not
 #    interpreted), under a time limit.
-# 2b. benchmarks/pallas_check.py with JAXNORM_PALLAS_ROW_BACKEND=mosaic_gpu: the Mosaic GPU
-#    row kernels (LayerNorm/RMSNorm) checked against XLA and timed.
+# 2b. benchmarks/pallas_check.py with JAXNORM_PALLAS_BACKEND=mosaic_gpu: the Mosaic GPU
+#    kernels checked against XLA and timed.
 # 3. benchmarks/tokamax_check.py: tokamax's LayerNorm/RMSNorm against jaxnorm's, when the
 #    wheels in .whl/ (tokamax and what it needs beyond the machine's packages) install.
 # 4. benchmarks/gpu_timing.sh: the whole sweep, jaxnorm (automatic selection, now reading
@@ -45,9 +45,9 @@ JAX_PLATFORMS=cuda timeout "$TEST_S" python3 -m pytest -q -n 8 -p no:cacheprovid
     tests/test_reliability.py 2>&1 | tail -n 40
 log "tests exit ${PIPESTATUS[0]}"
 
-log "2b. Mosaic GPU row kernels ($MOSAIC_S s)"
-JAXNORM_PALLAS_ROW_BACKEND=mosaic_gpu timeout "$MOSAIC_S" python3 benchmarks/pallas_check.py \
-    "$OUT/pallas_check_mosaic.json" --kinds layer_norm rms_norm --budget $((MOSAIC_S - 20))
+log "2b. Mosaic GPU kernels ($MOSAIC_S s)"
+JAXNORM_PALLAS_BACKEND=mosaic_gpu timeout "$MOSAIC_S" python3 benchmarks/pallas_check.py \
+    "$OUT/pallas_check_mosaic.json" --budget $((MOSAIC_S - 20))
 log "mosaic exit $?"
 
 log "3. tokamax ($TOKAMAX_S s)"

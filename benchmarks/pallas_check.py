@@ -4,8 +4,8 @@ Usage (repository root on ``PYTHONPATH``, no installs)::
 
     python3 benchmarks/pallas_check.py OUT.json            # on a GPU: the sweep
     python3 benchmarks/pallas_check.py OUT.json --tiny     # anywhere: small, interpreted
-    JAXNORM_PALLAS_ROW_BACKEND=mosaic_gpu python3 benchmarks/pallas_check.py OUT.json \
-        --kinds layer_norm rms_norm                        # the Mosaic GPU row kernels
+    JAXNORM_PALLAS_BACKEND=mosaic_gpu python3 benchmarks/pallas_check.py OUT.json \
+        --kinds layer_norm rms_norm                        # Mosaic GPU, row kernels only
 
 For each case (kernel, shape, dtype) it compiles the forward and the forward+backward of
 both paths, checks the kernel's ``y``, ``dx``, ``dscale``, ``dbias`` against XLA's, and
@@ -283,7 +283,7 @@ def _environment() -> dict[str, Any]:
     return {"jax": jax.__version__, "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind), "python": platform.python_version(),
             "pallas_backend": "triton (jax.experimental.pallas.triton); interpret off GPU",
-            "row_backend": os.environ.get("JAXNORM_PALLAS_ROW_BACKEND") or "default",
+            "backend": os.environ.get("JAXNORM_PALLAS_BACKEND") or "default",
             "timing": "per case: profiler (GPU kernel time) or wall (pipelined calls)"}
 
 

@@ -6,13 +6,13 @@ recognizes from ``x``'s shape, the reduction axes and the parameters' shapes whe
 kernel takes it:
 
 - the **row kernel**, LayerNorm (``centered``) and RMSNorm, by Triton
-  (:mod:`jaxnorm._pallas_layer_norm`) or Mosaic GPU (:mod:`jaxnorm._pallas_mosaic_rows`,
-  rows of :math:`128k` features; :func:`row_backend` chooses): the reduction is the last :math:`k` axes and ``scale``/``bias`` span the same
+  (:mod:`jaxnorm._pallas_layer_norm`) or Mosaic GPU (:mod:`jaxnorm._pallas_mosaic_rows`;
+  :func:`kernel_backend` chooses): the reduction is the last :math:`k` axes and ``scale``/``bias`` span the same
   axes; ``x`` is viewed as :math:`R` rows of :math:`N`, and per row
   :math:`y = (x - \mu)\,\gamma/\sqrt{\sigma^2 + \epsilon} + \beta` (:math:`\mu = 0` for
   RMSNorm);
-- the **group kernel** (:mod:`jaxnorm._pallas_group_norm`), channels-last GroupNorm and
-  InstanceNorm: statistics per example and group over every axis but the batch axis 0.
+- the **group kernel**, channels-last GroupNorm and InstanceNorm, by Triton
+  (:mod:`jaxnorm._pallas_group_norm`) or Mosaic GPU (:mod:`jaxnorm._pallas_mosaic_groups`): statistics per example and group over every axis but the batch axis 0.
   GroupNorm arrives viewed grouped, ``(B, ..., G, C/G)``, with the group axis left out of
   the reduction; InstanceNorm as ``(B, ..., C)`` with the channel axis left out, that is
   :math:`G = C`. The kernel takes the ``(B S, C)`` rows with :math:`G`.
@@ -36,6 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxnorm import _pallas_mosaic_groups as mosaic_groups
 from jaxnorm import _pallas_mosaic_rows as mosaic_rows
 from jaxnorm._affine import NormSpec
 from jaxnorm._implementation import KernelCase, select_implementation
@@ -48,6 +49,7 @@ from jaxnorm._pallas_common import (
 from jaxnorm._pallas_errors import check_pallas_arguments, unsupported
 from jaxnorm._pallas_group_norm import GroupNormConfig, group_norm_rows, make_group_tiling
 from jaxnorm._pallas_layer_norm import RowNormConfig, row_norm
+from jaxnorm._pallas_mosaic_groups import MosaicGroupConfig, mosaic_group_norm_rows
 from jaxnorm._pallas_mosaic_rows import MosaicRowConfig, mosaic_row_norm
 from jaxnorm._sharding import explicit_shards
 
@@ -67,12 +69,12 @@ class KernelPlan:
     config: RowNormConfig | MosaicRowConfig | GroupNormConfig | None
 
 
-ROW_BACKENDS = ("triton", "mosaic_gpu")
-"""The GPU backends of the row kernels."""
+BACKENDS = ("triton", "mosaic_gpu")
+"""The Pallas GPU backends of the kernels."""
 
-ROW_BACKEND: str | None = None
-"""Which backend computes the row kernels (``"triton"`` or ``"mosaic_gpu"``); None: the
-environment variable ``JAXNORM_PALLAS_ROW_BACKEND``, else :func:`row_backend`'s default."""
+BACKEND: str | None = None
+"""Which backend computes the kernels (``"triton"`` or ``"mosaic_gpu"``); None: the
+environment variable ``JAXNORM_PALLAS_BACKEND``, else :func:`kernel_backend`'s default."""
 
 
 def _trailing_rows(x: Array, reduction: tuple[int, ...], parameters: tuple[Array | None, ...]
@@ -99,28 +101,32 @@ def _trailing_rows(x: Array, reduction: tuple[int, ...], parameters: tuple[Array
     return x.size // max(features, 1), features
 
 
-def row_backend(features: int, dtype: Any) -> str:
-    """The backend of the row kernel for rows of ``features`` values of ``dtype``.
+def kernel_backend(mosaic_takes: bool) -> str:
+    """The Pallas backend of a kernel call: ``"triton"`` or ``"mosaic_gpu"``.
 
-    :data:`ROW_BACKEND` (else ``$JAXNORM_PALLAS_ROW_BACKEND``) names it; by default
-    ``"triton"``, the kernels timed on an H200, or ``"mosaic_gpu"`` where this JAX has no
-    Triton backend. ``"mosaic_gpu"`` applies only to the rows its kernels take
-    (:func:`jaxnorm._pallas_mosaic_rows.takes`); other rows take Triton.
+    :data:`BACKEND` (else ``$JAXNORM_PALLAS_BACKEND``) names it; by default ``"triton"``,
+    the kernels timed on an H200, or ``"mosaic_gpu"`` where this JAX has no Triton
+    backend. ``"mosaic_gpu"`` applies only where its kernels take the shape
+    (``mosaic_takes``: :func:`jaxnorm._pallas_mosaic_rows.takes`,
+    :func:`jaxnorm._pallas_mosaic_groups.takes`); other shapes take Triton.
+
+    Args:
+      mosaic_takes: whether the Mosaic GPU kernel takes this call's shape and dtype.
     """
-    requested = ROW_BACKEND or os.environ.get("JAXNORM_PALLAS_ROW_BACKEND") or None
-    if requested is not None and requested not in ROW_BACKENDS:
+    requested = BACKEND or os.environ.get("JAXNORM_PALLAS_BACKEND") or None
+    if requested is not None and requested not in BACKENDS:
         raise ValueError(
-            f"JAXNORM_PALLAS_ROW_BACKEND (or _pallas_dispatch.ROW_BACKEND) must be one of "
-            f"{ROW_BACKENDS}, got {requested!r}"
+            f"JAXNORM_PALLAS_BACKEND (or _pallas_dispatch.BACKEND) must be one of "
+            f"{BACKENDS}, got {requested!r}"
         )
     wanted = requested or ("triton" if pl_triton is not None else "mosaic_gpu")
-    return "mosaic_gpu" if wanted == "mosaic_gpu" and mosaic_rows.takes(features, dtype) else "triton"
+    return "mosaic_gpu" if wanted == "mosaic_gpu" and mosaic_takes else "triton"
 
 
 def _row_plan(x: Array, scale: Array | None, bias: Array | None, spec: NormSpec) -> KernelPlan:
     """The row kernel's plan for LayerNorm/RMSNorm over the trailing axes."""
     rows, features = _trailing_rows(x, spec.reduction, (scale, bias))
-    backend = row_backend(features, x.dtype)
+    backend = kernel_backend(mosaic_rows.takes(features, x.dtype))
     case = KernelCase("row", x.dtype.name, spec.centered, features, rows, backend=backend)
     if backend == "triton":
         check_backend_available()
@@ -151,10 +157,16 @@ def _group_plan(x: Array, scale: Array | None, bias: Array | None, spec: NormSpe
             "last axis, statistics over every axis but 0)")
     batch, spatial = x.shape[0], math.prod(x.shape[1:group_axis])
     channels, groups = math.prod(x.shape[group_axis:]), x.shape[group_axis]
-    case = KernelCase("group", x.dtype.name, True, channels, batch * spatial, groups, spatial)
+    backend = kernel_backend(mosaic_groups.takes(spatial, channels, x.dtype))
+    case = KernelCase("group", x.dtype.name, True, channels, batch * spatial, groups, spatial,
+                      backend)
+    if backend == "triton":
+        check_backend_available()
     if x.size == 0:
         return KernelPlan(case, None)
-    check_backend_available()
+    if backend == "mosaic_gpu":
+        return KernelPlan(case, MosaicGroupConfig(spec.eps, spec.dtype, batch, spatial, channels,
+                                                  groups, interpret_mode()))
     tiling = make_group_tiling(batch, spatial, channels, groups)
     return KernelPlan(case, GroupNormConfig(spec.eps, spec.dtype, tiling))
 
@@ -229,7 +241,7 @@ def run_plan(plan: KernelPlan, x: Array, scale: Array | None, bias: Array | None
     scale = jnp.ones((features,), jnp.float32) if scale is None else scale.reshape(features)
     bias = jnp.zeros((features,), jnp.float32) if bias is None else bias.reshape(features)
     kernels = {RowNormConfig: row_norm, MosaicRowConfig: mosaic_row_norm,
-               GroupNormConfig: group_norm_rows}
+               GroupNormConfig: group_norm_rows, MosaicGroupConfig: mosaic_group_norm_rows}
     return kernels[type(plan.config)](x.reshape(rows, features), scale, bias, plan.config).reshape(x.shape)
 
 

@@ -114,7 +114,7 @@ def takes(features: int, dtype: Any) -> bool:
             and jnp.dtype(dtype).itemsize in (2, 4))
 
 
-def _streaming_multiprocessors() -> int:
+def streaming_multiprocessors() -> int:
     """SMs of the default device (:data:`STREAMING_MULTIPROCESSORS` off a GPU)."""
     device = jax.devices()[0]
     count = getattr(device, "core_count", None) if device.platform == "gpu" else None
@@ -136,7 +136,7 @@ def _settings(config: MosaicRowConfig, dtype: Any, stage: str) -> tuple[int, int
     row_bytes = config.features * (jnp.dtype(dtype).itemsize + (4 if backward else 0))
     per_sm = max(1, min(8, REGISTER_FILE // (LANES * registers),
                         SHARED_MEMORY // (fixed + 2 * row_bytes)))
-    programs = PROGRAMS or tuned.get("programs") or per_sm * _streaming_multiprocessors()
+    programs = PROGRAMS or tuned.get("programs") or per_sm * streaming_multiprocessors()
     programs = min(config.rows, programs)
     stages = tuned.get("stages") or max(2, min(4, (SHARED_MEMORY // per_sm - fixed) // row_bytes))
     return programs, min(stages, pl.cdiv(config.rows, programs))

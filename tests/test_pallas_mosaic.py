@@ -1,8 +1,9 @@
-"""The Mosaic GPU row kernels (LayerNorm/RMSNorm), in Mosaic GPU interpret mode off a GPU:
-values and gradients against float64 references and the XLA path, rows spread over fewer
-programs than rows (several pipeline steps, a ragged last step), mixed dtypes, exact bias
-for constant rows, accuracy far from zero, and how the dispatcher chooses the backend.
-Shapes are small: the interpreter simulates every thread."""
+"""The Mosaic GPU kernels (LayerNorm/RMSNorm rows, GroupNorm/InstanceNorm tiles), in Mosaic
+GPU interpret mode off a GPU: values and gradients against float64 references and the XLA
+path, work spread over fewer programs than rows or tiles (several pipeline steps, a ragged
+last step), mixed dtypes, exact bias for constant rows and sets, accuracy far from zero,
+the planned settings, and how the dispatcher chooses the backend. Shapes are small: the
+interpreter simulates every thread."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 import jaxnorm
-from jaxnorm import _pallas_dispatch, _pallas_mosaic_rows
+from jaxnorm import _pallas_dispatch, _pallas_mosaic_groups, _pallas_mosaic_rows
+from jaxnorm._pallas_mosaic_groups import MosaicGroupConfig, mosaic_group_norm_rows
 from jaxnorm._pallas_mosaic_rows import MosaicRowConfig, mosaic_row_norm
 
 pytestmark = pytest.mark.skipif(
@@ -97,7 +99,7 @@ def test_the_dispatcher_runs_mosaic_where_asked_and_triton_for_other_widths(
     forward = _pallas_mosaic_rows._forward
     monkeypatch.setattr(_pallas_mosaic_rows, "_forward",
                         lambda *a: calls.append("mosaic") or forward(*a))
-    monkeypatch.setenv("JAXNORM_PALLAS_ROW_BACKEND", "mosaic_gpu")
+    monkeypatch.setenv("JAXNORM_PALLAS_BACKEND", "mosaic_gpu")
     x = jax.random.normal(jax.random.key(0), (2, 3, 256)) * 3 + 2
     scale, bias = jnp.linspace(0.5, 1.5, 256), jnp.linspace(-1.0, 1.0, 256)
 
@@ -110,19 +112,21 @@ def test_the_dispatcher_runs_mosaic_where_asked_and_triton_for_other_widths(
     np.testing.assert_allclose(ours[0], xla[0], rtol=1e-5)
     for a, b in zip(ours[1], xla[1]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    # rows the Mosaic kernels do not take (not 128k features) go to the Triton kernel
-    assert _pallas_dispatch.row_backend(1000, jnp.float32) == "triton"
-    assert _pallas_dispatch.row_backend(256, jnp.float32) == "mosaic_gpu"
-    assert _pallas_dispatch.row_backend(16384, jnp.float32) == "triton"
-    monkeypatch.setenv("JAXNORM_PALLAS_ROW_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="JAXNORM_PALLAS_ROW_BACKEND.*'cuda'"):
+    # shapes the Mosaic kernels do not take go to the Triton kernel
+    takes = _pallas_mosaic_rows.takes
+    assert not takes(1000, jnp.float32) and not takes(16384, jnp.float32)
+    assert takes(256, jnp.float32) and takes(8192, jnp.bfloat16)
+    assert _pallas_dispatch.kernel_backend(takes(1000, jnp.float32)) == "triton"
+    assert _pallas_dispatch.kernel_backend(takes(256, jnp.float32)) == "mosaic_gpu"
+    monkeypatch.setenv("JAXNORM_PALLAS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="JAXNORM_PALLAS_BACKEND.*'cuda'"):
         jaxnorm.rms_norm(x, implementation="pallas")
-    monkeypatch.delenv("JAXNORM_PALLAS_ROW_BACKEND")
-    assert _pallas_dispatch.row_backend(256, jnp.float32) == "triton"
+    monkeypatch.delenv("JAXNORM_PALLAS_BACKEND")
+    assert _pallas_dispatch.kernel_backend(True) == "triton"
 
 
 def test_rms_norm_module_under_vmap_and_jit(monkeypatch, three_programs) -> None:
-    monkeypatch.setattr(_pallas_dispatch, "ROW_BACKEND", "mosaic_gpu")
+    monkeypatch.setattr(_pallas_dispatch, "BACKEND", "mosaic_gpu")
     x = jax.random.normal(jax.random.key(1), (2, 5, 128), jnp.bfloat16)
     scale = jnp.linspace(0.5, 1.5, 128)
 
@@ -148,3 +152,76 @@ def test_planned_settings_fit_an_sm(stage: str, dtype) -> None:
         assert 2 <= stages <= 4, (features, stages)
         assert fixed + stages * rows <= 227 * 1024, (features, stages)
         assert 132 <= programs <= 8 * 132, (features, programs)
+
+
+def _group_reference(x, scale, bias, dy, batch: int, groups: int):
+    """float64 ``(y, dx, dscale, dbias)`` of GroupNorm of ``(B S, C)`` rows."""
+    x, scale, bias, dy = (np.asarray(a, np.float64) for a in (x, scale, bias, dy))
+    channels = x.shape[-1]
+    grouped = x.reshape(batch, -1, groups, channels // groups)
+    mean = grouped.mean((1, 3), keepdims=True)
+    rstd = 1 / np.sqrt(grouped.var((1, 3), keepdims=True) + EPS)
+    x_hat = (grouped - mean) * rstd
+    g = (dy * scale).reshape(x_hat.shape)
+    dx = rstd * (g - g.mean((1, 3), keepdims=True)
+                 - x_hat * (g * x_hat).mean((1, 3), keepdims=True))
+    x_hat = x_hat.reshape(x.shape)
+    return x_hat * scale + bias, dx.reshape(x.shape), (dy * x_hat).sum(0), dy.sum(0)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of at most 640 values and 2 programs an example: several steps each."""
+    monkeypatch.setattr(_pallas_mosaic_groups, "TILE_ELEMENTS", 640)
+    monkeypatch.setattr(_pallas_mosaic_groups, "PROGRAMS", 2)
+
+
+@pytest.mark.parametrize("batch,spatial,channels,groups,dtype,tile,tol", [
+    (2, 16, 64, 8, jnp.float32, 320, 2e-6),     # GroupNorm: 4 tiles an example
+    (2, 6, 320, 32, jnp.float32, 640, 2e-6),    # 320 channels (64 lanes), 3 tiles: ragged
+    (3, 32, 32, 32, jnp.bfloat16, 320, 1e-2),   # InstanceNorm, bfloat16
+])
+def test_group_values_and_gradients_match_float64(monkeypatch, small_tiles, batch, spatial,
+                                                  channels, groups, dtype, tile, tol) -> None:
+    monkeypatch.setattr(_pallas_mosaic_groups, "TILE_ELEMENTS", tile)
+    keys = jax.random.split(jax.random.key(4), 4)
+    x = (jax.random.normal(keys[0], (batch * spatial, channels)) * 2 + 3).astype(dtype)
+    scale = 1 + 0.3 * jax.random.normal(keys[1], (channels,))
+    bias = jax.random.normal(keys[2], (channels,))
+    dy = jax.random.normal(keys[3], x.shape)
+    config = MosaicGroupConfig(EPS, jnp.float32, batch, spatial, channels, groups, True)
+    assert config.tiles > 1 and config.steps > 1
+    y, pullback = jax.vjp(lambda *a: mosaic_group_norm_rows(*a, config), x, scale, bias)
+    ours = (y, *pullback(dy))
+    for value, exact in zip(ours, _group_reference(x, scale, bias, dy, batch, groups)):
+        value = np.asarray(value, np.float64)
+        np.testing.assert_allclose(value, exact, rtol=tol, atol=tol * max(1.0, np.abs(exact).max()))
+
+
+def test_group_constant_sets_give_exactly_bias_through_the_dispatcher(
+        monkeypatch, small_tiles) -> None:
+    monkeypatch.setattr(_pallas_dispatch, "BACKEND", "mosaic_gpu")
+    calls: list[str] = []
+    normalize = _pallas_mosaic_groups._normalize
+    monkeypatch.setattr(_pallas_mosaic_groups, "_normalize",
+                        lambda *a: calls.append("mosaic") or normalize(*a))
+    # two examples, 4 groups: constant sets (one far from zero), and a set of mean 1e4
+    values = jnp.asarray([3.25, -1e4, 12345.678, 0.5], jnp.float32)
+    x = jnp.broadcast_to(jnp.repeat(values, 8), (2, 4, 4, 32))
+    x = x.at[1, ..., 24:].add(jax.random.normal(jax.random.key(5), (4, 4, 8)))
+    scale, bias = jnp.full((32,), 1.5), jnp.linspace(-2.0, 2.0, 32)
+    y = jaxnorm.group_norm(x, scale, bias, num_groups=4, implementation="pallas")
+    assert calls == ["mosaic"]
+    np.testing.assert_array_equal(y[0], np.broadcast_to(bias, (4, 4, 32)))
+    np.testing.assert_array_equal(y[1, ..., :24], np.broadcast_to(bias[:24], (4, 4, 24)))
+    xla = jaxnorm.group_norm(x, scale, bias, num_groups=4, implementation="xla")
+    np.testing.assert_allclose(y, xla, atol=1e-4)
+    # InstanceNorm (a group per channel) takes the same kernel
+    np.testing.assert_allclose(
+        jaxnorm.instance_norm(x, scale, bias, implementation="pallas"),
+        jaxnorm.instance_norm(x, scale, bias, implementation="xla"), atol=1e-4)
+    assert calls == ["mosaic", "mosaic"]
+    # shapes the Mosaic kernels do not take: 2-byte rows, odd spatial sizes
+    assert not _pallas_mosaic_groups.takes(16, 4, jnp.bfloat16)
+    assert not _pallas_mosaic_groups.takes(49, 64, jnp.float32)
+    assert _pallas_mosaic_groups.takes(64 * 64, 320, jnp.bfloat16)

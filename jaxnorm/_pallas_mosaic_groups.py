@@ -1,0 +1,387 @@
+r"""Mosaic GPU kernels of GroupNorm and InstanceNorm on channels-last inputs (Hopper+).
+
+The same computation as the Triton group kernels (:mod:`jaxnorm._pallas_group_norm`):
+``x`` viewed as ``(B, S, C)``, :math:`G` groups of :math:`C/G` channels, each set
+:math:`(b, g)` shifted by its first element :math:`p`, float32 arithmetic. Forward: a
+*moments* kernel, then a *normalize* kernel :math:`y = ((x - p) - \bar m)\,r\gamma + \beta`;
+backward: a *sums* kernel (:math:`\sum\bar y`, :math:`\sum\bar y\hat x` per example and
+channel), then a :math:`\bar x` kernel, with the small per-set steps between them in XLA.
+
+**Arrangement.** Each example's :math:`S C` values are cut into tiles of ``rows`` whole
+spatial rows, viewed ``(rows C / L, L)`` with :math:`L` the largest power of two up to 128
+dividing :math:`C` (one TMA copy a tile: at most 256 along each dimension). Every tile
+starts at a multiple of :math:`C`, so an element's channel is the same in every tile, and
+per-channel vectors (:math:`p`, :math:`\bar m`, :math:`r\gamma`, ...) become tile-shaped
+arrays held in shared memory: every kernel is elementwise. The :math:`P` programs (one
+warpgroup each) of an example take its tiles :math:`k, k + P, \dots`, copies pipelined.
+
+- *moments*: each tile position keeps Welford's running mean and :math:`M_2` of
+  :math:`x - p` over the program's tiles, :math:`\delta = v - m`,
+  :math:`m \mathrel{+}= \delta / j`, :math:`M_2 \mathrel{+}= \delta (v - m)` (exact 0 for a
+  constant set); XLA merges the positions and programs of a set with Chan et al.'s formula
+  (:func:`jaxnorm._pallas_group_norm.merge_moments`).
+- *sums*: each tile position accumulates :math:`\bar y` and :math:`\bar y\hat x`; XLA adds
+  the positions of each channel.
+- *normalize* and :math:`\bar x = a\bar y + b((x - p) - \bar m) + c` with
+  :math:`a = r\gamma`, :math:`b = -r^2 c_2`, :math:`c = -r c_1`, elementwise.
+
+The kernels take inputs whose :math:`S` has a power-of-two divisor giving tiles of a
+multiple of 128 values (:func:`takes`); other shapes go to the Triton kernels. Off a GPU
+they run in Mosaic GPU interpret mode. Their device time is unmeasured (no GPU was
+available when they were written); ``benchmarks/mosaic_lowering.py`` compiles them for an
+H200 without one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxnorm._pallas_group_norm import merge_moments
+from jaxnorm._pallas_mosaic_rows import (
+    LANES,
+    InterpretGPUParams,
+    available,
+    plgpu,
+    streaming_multiprocessors,
+)
+
+Array = jax.Array
+
+TILE_ELEMENTS = 4096
+"""The most values of ``x`` a tile holds (whole spatial rows)."""
+
+MAX_TILE_ROWS = 256
+"""The most rows of the ``(rows C / L, L)`` view of a tile (a TMA copy's limit)."""
+
+PROGRAMS_PER_SM = 4
+"""Programs (warpgroups) of a kernel for each SM, spread over the examples."""
+
+PROGRAMS: int | None = None
+"""Overrides the programs of each example (tests)."""
+
+STAGES = 3
+"""Tile copies in flight in each program's pipeline."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicGroupConfig:
+    r"""The static settings of one Mosaic GPU group normalization.
+
+    Args:
+      eps: :math:`\epsilon`.
+      dtype: the dtype of ``y``.
+      batch: :math:`B`.
+      spatial: :math:`S`.
+      channels: :math:`C`.
+      groups: :math:`G` (InstanceNorm: :math:`C`).
+      interpret: run in Mosaic GPU interpret mode (off a GPU).
+    """
+
+    eps: float
+    dtype: Any
+    batch: int
+    spatial: int
+    channels: int
+    groups: int
+    interpret: bool
+
+    @property
+    def lanes(self) -> int:
+        """:math:`L`: the largest power of two up to 128 dividing :math:`C`."""
+        return _lanes(self.channels)
+
+    @property
+    def rows(self) -> int:
+        """Spatial rows of a tile."""
+        return _tile_rows(self.spatial, self.channels)
+
+    @property
+    def tiles(self) -> int:
+        """Tiles of an example, :math:`S / \\text{rows}`."""
+        return self.spatial // self.rows
+
+    @property
+    def tile_shape(self) -> tuple[int, int]:
+        """``(rows C / L, L)``: the view of a tile."""
+        return self.rows * self.channels // self.lanes, self.lanes
+
+    @property
+    def programs(self) -> int:
+        """:math:`P`, the programs of each example."""
+        wanted = PROGRAMS or pl.cdiv(PROGRAMS_PER_SM * streaming_multiprocessors(), self.batch)
+        return max(1, min(self.tiles, wanted))
+
+    @property
+    def steps(self) -> int:
+        """Pipeline steps of a program, :math:`\\lceil \\text{tiles} / P \\rceil`."""
+        return pl.cdiv(self.tiles, self.programs)
+
+    @property
+    def vector(self) -> int:
+        """Consecutive elements a thread holds: 4, 2 or 1, whichever divides the tile."""
+        size = self.rows * self.channels
+        return next(v for v in (4, 2, 1) if size % (LANES * v) == 0)
+
+
+def _lanes(channels: int) -> int:
+    """The largest power of two up to 128 dividing ``channels``."""
+    return min(LANES, channels & -channels)
+
+
+def _tile_rows(spatial: int, channels: int) -> int:
+    """The most spatial rows (a power of two dividing ``spatial``) of a tile of at most
+    :data:`TILE_ELEMENTS` values and :data:`MAX_TILE_ROWS` view rows whose size is a
+    multiple of 128; 0 if there is none."""
+    best, rows = 0, 1
+    while spatial % rows == 0 and rows * channels <= TILE_ELEMENTS:
+        fits = rows * channels // _lanes(channels) <= MAX_TILE_ROWS
+        if fits and rows * channels % LANES == 0:
+            best = rows
+        rows *= 2
+    return best
+
+
+def takes(spatial: int, channels: int, dtype: Any) -> bool:
+    """Whether the Mosaic GPU kernels take ``(B, spatial, channels)`` inputs of ``dtype``:
+    a TMA row of at least 16 bytes and a tile (:func:`_tile_rows`)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    return (available() and itemsize in (2, 4) and _lanes(channels) * itemsize >= 16
+            and _tile_rows(spatial, channels) > 0)
+
+
+def _in_layout(value: Array, config: MosaicGroupConfig) -> Array:
+    """``value`` (a tile) in the strided register layout every tile value shares."""
+    if config.interpret:
+        return value
+    layout = plgpu.Layout.WG_STRIDED(config.tile_shape, vec_size=config.vector)
+    return plgpu.layout_cast(value, layout)
+
+
+def _load(ref: Any, config: MosaicGroupConfig) -> Array:
+    """A tile from shared memory, float32, in the shared layout."""
+    return _in_layout(ref[...], config).astype(jnp.float32)
+
+
+Step = Callable[[Array, list[Array], list[Array], list[Array]], tuple[Array | None, list[Array]]]
+"""``step(j, tiles, vectors, accumulators) -> (output tile or None, accumulators)``: one
+pipeline step ``j`` (0-based) of a program, on float32 tiles in the shared layout."""
+
+
+def _elementwise_kernel(config: MosaicGroupConfig, step: Step, streamed: Sequence[Array],
+                        vectors: Sequence[Array], accumulators: int, out_dtype: Any | None
+                        ) -> tuple[Array | None, list[Array]]:
+    """Runs ``step`` over every tile of every example.
+
+    Args:
+      config: the settings.
+      step: the elementwise work of one tile.
+      streamed: ``(B S, C)`` arrays read tile by tile.
+      vectors: per-example ``(B, C)`` or shared ``(C,)`` float32 vectors, given to
+        ``step`` as tiles (each channel's value at its positions).
+      accumulators: float32 tiles each program keeps, starting at 0.
+      out_dtype: the dtype of the ``(B S, C)`` output ``step`` makes, or None.
+
+    Returns:
+      ``(output, partials)``: the output (or None) and, per accumulator, its final value
+      in every program, ``(B, P, rows, C)``.
+    """
+    batch, programs, tiles = config.batch, config.programs, config.tiles
+    tile_shape = config.tile_shape
+    view = (batch, tiles, *tile_shape)
+    replicated = [jnp.tile(v.astype(jnp.float32), config.rows).reshape(*v.shape[:-1], *tile_shape)
+                  for v in vectors]
+
+    def body(*refs: Any) -> None:
+        streamed_refs = refs[:len(streamed)]
+        vector_refs = refs[len(streamed):len(streamed) + len(vectors)]
+        out_refs = refs[len(streamed) + len(vectors):]
+        program = lax.axis_index("programs")
+        example, share = program // programs, program % programs
+
+        def scoped(*scratch: Any) -> None:
+            vector_smem, accumulator_smem = scratch[:len(vectors)], scratch[len(vectors):]
+            _stage_vectors(vector_refs, vector_smem, example, config)
+            zeros = _in_layout(jnp.zeros(tile_shape, jnp.float32), config)
+            for accumulator in accumulator_smem:
+                accumulator[...] = zeros
+
+            def pipeline_step(indices: tuple[Array, ...], *tile_smem: Any) -> None:
+                tile = share + indices[0] * programs
+                output, updated = step(
+                    indices[0], [_load(t, config) for t in tile_smem],
+                    [_load(v, config) for v in vector_smem],
+                    [_load(a, config) for a in accumulator_smem])
+
+                @pl.when(tile < tiles)
+                def _store() -> None:
+                    if output is not None:
+                        out_refs[0][example, tile] = output.astype(out_refs[0].dtype)
+                    for accumulator, value in zip(accumulator_smem, updated):
+                        accumulator[...] = value
+
+            spec = pl.BlockSpec((None, None, *tile_shape),
+                                lambda j: (example, jnp.minimum(share + j * programs, tiles - 1),
+                                           0, 0))
+            plgpu.emit_pipeline(pipeline_step, grid=(config.steps,),
+                                in_specs=[spec] * len(streamed),
+                                max_concurrent_steps=min(STAGES, config.steps))(*streamed_refs)
+            partial_refs = out_refs[1:] if out_dtype is not None else out_refs
+            for partial, accumulator in zip(partial_refs, accumulator_smem):
+                partial[program] = _load(accumulator, config)
+
+        pl.run_scoped(scoped, *[plgpu.SMEM(tile_shape, jnp.float32)
+                                for _ in range(len(vectors) + accumulators)])
+
+    out_type = [jax.ShapeDtypeStruct(view, out_dtype)] if out_dtype is not None else []
+    out_type += [jax.ShapeDtypeStruct((batch * programs, *tile_shape), jnp.float32)
+                 for _ in range(accumulators)]
+    outputs = plgpu.kernel(
+        body, out_type=tuple(out_type), grid=(batch * programs,), grid_names=("programs",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=InterpretGPUParams() if config.interpret else None,
+    )(*(a.reshape(view) for a in streamed), *replicated)
+    output = outputs[0].reshape(batch * config.spatial, config.channels) if out_dtype else None
+    partials = outputs[1:] if out_dtype is not None else outputs
+    shape = (batch, programs, config.rows, config.channels)
+    return output, [p.reshape(shape) for p in partials]
+
+
+def _stage_vectors(vector_refs: Sequence[Any], vector_smem: Sequence[Any], example: Array,
+                   config: MosaicGroupConfig) -> None:
+    """Copies each vector tile (the example's, for a per-example one) into shared memory,
+    in the shared layout (each thread later reads what it wrote)."""
+    if not vector_refs:
+        return
+
+    def copy(_: Any, *staged: Any) -> None:
+        for ref, shared in zip(staged, vector_smem):
+            shared[...] = _in_layout(ref[...], config)
+
+    def spec(ref: Any) -> Any:
+        if len(ref.shape) == 2:
+            return pl.BlockSpec(config.tile_shape, lambda i: (0, 0))
+        return pl.BlockSpec((None, *config.tile_shape), lambda i: (example, 0, 0))
+
+    plgpu.emit_pipeline(copy, grid=(1,), in_specs=[spec(r) for r in vector_refs])(*vector_refs)
+
+
+def _moments_step(j: Array, tiles: list[Array], vectors: list[Array], sums: list[Array]
+                  ) -> tuple[None, list[Array]]:
+    """Welford's update of each position's mean and :math:`M_2` of :math:`x - p`."""
+    [x], [pivot], [mean, m2] = tiles, vectors, sums
+    shifted = x - pivot
+    delta = shifted - mean
+    mean = mean + delta * (1.0 / (j + 1).astype(jnp.float32))
+    return None, [mean, m2 + delta * (shifted - mean)]
+
+
+def _normalize_step(j: Array, tiles: list[Array], vectors: list[Array], sums: list[Array]
+                    ) -> tuple[Array, list[Array]]:
+    r""":math:`y = ((x - p) - \bar m)\,r\gamma + \beta`."""
+    [x], [pivot, shift, multiplier, bias] = tiles, vectors
+    return ((x - pivot) - shift) * multiplier + bias, []
+
+
+def _sums_step(j: Array, tiles: list[Array], vectors: list[Array], sums: list[Array]
+               ) -> tuple[None, list[Array]]:
+    r"""Each position's running :math:`\sum\bar y` and :math:`\sum\bar y\hat x`."""
+    [x, dy], [pivot, shift, rstd], [dbias, dscale] = tiles, vectors, sums
+    x_hat = ((x - pivot) - shift) * rstd
+    return None, [dbias + dy, dscale + dy * x_hat]
+
+
+def _dx_step(j: Array, tiles: list[Array], vectors: list[Array], sums: list[Array]
+             ) -> tuple[Array, list[Array]]:
+    r""":math:`\bar x = a\bar y + b((x - p) - \bar m) + c`."""
+    [x, dy], [pivot, shift, a, b, c] = tiles, vectors
+    return a * dy + b * ((x - pivot) - shift) + c, []
+
+
+def _per_channel(value: Array, channels: int) -> Array:
+    """``(B, G)`` → ``(B, C)``: each group's value on its channels."""
+    return jnp.repeat(value, channels // value.shape[1], axis=1)
+
+
+def _program_counts(config: MosaicGroupConfig) -> np.ndarray:
+    """Tiles each program of an example visits, ``(P,)``."""
+    shares = np.arange(config.programs)
+    return np.maximum(0, -(-(config.tiles - shares) // config.programs)).astype(np.float32)
+
+
+def _statistics(x: Array, config: MosaicGroupConfig) -> tuple[Array, Array, Array]:
+    r"""``(pivot, shift, rstd)`` per example and channel ``(B, C)`` float32."""
+    channels, group_size = config.channels, config.channels // config.groups
+    pivot = x.reshape(config.batch, config.spatial, channels)[:, 0, ::group_size]
+    pivot = _per_channel(pivot.astype(jnp.float32), channels)
+    _, (mean, m2) = _elementwise_kernel(config, _moments_step, [x], [pivot], 2, None)
+    parts = (config.batch, config.programs * config.rows, channels)
+    count = jnp.broadcast_to(jnp.asarray(_program_counts(config))[None, :, None, None],
+                             mean.shape).reshape(parts)
+    shifted_mean, var = merge_moments(count, mean.reshape(parts), m2.reshape(parts),
+                                      config.groups)
+    rstd = lax.rsqrt(var + jnp.float32(config.eps))
+    return pivot, _per_channel(shifted_mean, channels), _per_channel(rstd, channels)
+
+
+def _normalize(x: Array, statistics: tuple[Array, Array, Array], scale: Array, bias: Array,
+               config: MosaicGroupConfig) -> Array:
+    """``y`` of the ``(B S, C)`` view from ``(pivot, shift, rstd)``."""
+    pivot, shift, rstd = statistics
+    multiplier = rstd * scale.astype(jnp.float32)[None, :]
+    y, _ = _elementwise_kernel(config, _normalize_step, [x], [pivot, shift, multiplier, bias],
+                               0, config.dtype)
+    return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def mosaic_group_norm_rows(x: Array, scale: Array, bias: Array, config: MosaicGroupConfig
+                           ) -> Array:
+    r"""GroupNorm of ``x`` viewed as ``(B S, C)`` rows by Mosaic GPU.
+
+    Args:
+      x: ``(B S, C)``, floating, a shape :func:`takes` accepts.
+      scale: :math:`\gamma`, ``(C,)``.
+      bias: :math:`\beta`, ``(C,)``.
+      config: the static settings.
+
+    Returns:
+      ``y``, ``(B S, C)`` in ``config.dtype``.
+    """
+    return _normalize(x, _statistics(x, config), scale, bias, config)
+
+
+def _group_norm_fwd(x: Array, scale: Array, bias: Array, config: MosaicGroupConfig
+                    ) -> tuple[Array, tuple[Array, ...]]:
+    """The forward, keeping ``x``, the parameters and the statistics."""
+    statistics = _statistics(x, config)
+    return _normalize(x, statistics, scale, bias, config), (x, scale, bias, *statistics)
+
+
+def _group_norm_bwd(config: MosaicGroupConfig, residuals: tuple[Array, ...], dy: Array
+                    ) -> tuple[Array, Array, Array]:
+    """The sums kernel, the per-set sums in XLA, then the ``dx`` kernel."""
+    x, scale, bias, pivot, shift, rstd = residuals
+    channels = config.channels
+    _, partials = _elementwise_kernel(config, _sums_step, [x, dy], [pivot, shift, rstd], 2,
+                                      None)
+    dbias, dscale = (jnp.sum(p, axis=(1, 2)) for p in partials)
+    gamma = scale.astype(jnp.float32)[None, :]
+    count = config.spatial * (channels // config.groups)
+    c1, c2 = (_per_channel(jnp.sum((gamma * s).reshape(config.batch, config.groups, -1),
+                                   axis=2) / count, channels) for s in (dbias, dscale))
+    vectors = [pivot, shift, rstd * gamma, -rstd * rstd * c2, -rstd * c1]
+    dx, _ = _elementwise_kernel(config, _dx_step, [x, dy], vectors, 0, x.dtype)
+    return (dx, jnp.sum(dscale, axis=0).astype(scale.dtype),
+            jnp.sum(dbias, axis=0).astype(bias.dtype))
+
+
+mosaic_group_norm_rows.defvjp(_group_norm_fwd, _group_norm_bwd)
