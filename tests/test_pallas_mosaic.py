@@ -225,3 +225,25 @@ def test_group_constant_sets_give_exactly_bias_through_the_dispatcher(
     assert not _pallas_mosaic_groups.takes(16, 4, jnp.bfloat16)
     assert not _pallas_mosaic_groups.takes(49, 64, jnp.float32)
     assert _pallas_mosaic_groups.takes(64 * 64, 320, jnp.bfloat16)
+
+
+def test_no_races_between_copies_and_compute(monkeypatch, three_programs, small_tiles) -> None:
+    # Mosaic GPU interpret mode's happens-before race detector, over the pipelined copies
+    # and shared-memory accesses of every kernel: forward and backward, rows and groups.
+    gpu_callbacks = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.gpu_callbacks")
+    params = _pallas_mosaic_rows.InterpretGPUParams(detect_races=True)
+    for module in (_pallas_mosaic_rows, _pallas_mosaic_groups):
+        monkeypatch.setattr(module, "InterpretGPUParams", lambda: params)
+    monkeypatch.setattr(_pallas_mosaic_groups, "TILE_ELEMENTS", 320)
+    x = jax.random.normal(jax.random.key(6), (10, 256))
+    config = MosaicRowConfig(EPS, True, jnp.float32, 10, 256, interpret=True)
+    y, pullback = jax.vjp(lambda *a: mosaic_row_norm(*a, config), x, jnp.ones(256),
+                          jnp.zeros(256))
+    jax.block_until_ready(pullback(y))
+    assert not gpu_callbacks.get_races().races_found
+    x = jax.random.normal(jax.random.key(7), (32, 64))
+    config = MosaicGroupConfig(EPS, jnp.float32, 2, 16, 64, 8, interpret=True)
+    y, pullback = jax.vjp(lambda *a: mosaic_group_norm_rows(*a, config), x, jnp.ones(64),
+                          jnp.zeros(64))
+    jax.block_until_ready(pullback(y))
+    assert not gpu_callbacks.get_races().races_found
