@@ -18,6 +18,9 @@ row are masked: loaded as 0 and never stored.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -158,3 +161,37 @@ def load_vector(ref: object, tiling: Tiling, row: Array | None = None) -> Array:
     view = ref.at[span] if row is None else ref.at[row, span]
     value = pl_triton.load(view, mask=cols < tiling.features, other=0)
     return value.astype(jnp.float32)[None, :]
+
+
+def with_partial_sums_backward(forward: Callable[..., Array],
+                               backward: Callable[..., tuple[Array, Array, Array]]
+                               ) -> Callable[..., Array]:
+    r"""``norm(x, scale, bias, config)`` computing ``forward(x, scale, bias, config)``, with
+    a ``custom_vjp`` whose backward kernel ``backward(x, scale, dy, config)`` returns
+    ``(dx, dscale_partials, dbias_partials)``: float32 partial sums of
+    :math:`\bar y\hat x` and :math:`\bar y`, one row a program (at least :math:`N` wide),
+    which XLA adds into :math:`\bar\gamma`, :math:`\bar\beta`. ``config`` is static.
+
+    Args:
+      forward: the forward kernel's wrapper.
+      backward: the backward kernel's wrapper.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+    def norm(x: Array, scale: Array, bias: Array, config: Any) -> Array:
+        return forward(x, scale, bias, config)
+
+    def norm_fwd(x: Array, scale: Array, bias: Array, config: Any
+                 ) -> tuple[Array, tuple[Array, Array, Array]]:
+        return forward(x, scale, bias, config), (x, scale, bias)
+
+    def norm_bwd(config: Any, residuals: tuple[Array, Array, Array], dy: Array
+                 ) -> tuple[Array, Array, Array]:
+        x, scale, bias = residuals
+        dx, dscale, dbias = backward(x, scale, dy, config)
+        features = x.shape[-1]
+        return (dx, jnp.sum(dscale, axis=0)[:features].astype(scale.dtype),
+                jnp.sum(dbias, axis=0)[:features].astype(bias.dtype))
+
+    norm.defvjp(norm_fwd, norm_bwd)
+    return norm

@@ -299,9 +299,30 @@ def merge_moments(count: Array, mean: Array, m2: Array, groups: int) -> tuple[Ar
     return merged, (jnp.sum(m2, axis=(1, 3)) + spread) / total
 
 
-def _per_channel(value: Array, channels: int) -> Array:
+def per_channel(value: Array, channels: int) -> Array:
     """``(B, G)`` → ``(B, C)``: each group's value on its channels."""
     return jnp.repeat(value, channels // value.shape[1], axis=1)
+
+
+def set_means(dbias: Array, dscale: Array, scale: Array, groups: int, spatial: int
+              ) -> tuple[Array, Array]:
+    r"""``(c1, c2)`` per example and channel ``(B, C)``: the set means
+    :math:`c_1 = \tfrac1n\sum g`, :math:`c_2 = \tfrac1n\sum g\hat x` (:math:`g = \bar y\gamma`)
+    from the per-channel sums :math:`\sum\bar y` (``dbias``) and :math:`\sum\bar y\hat x`
+    (``dscale``), each ``(B, C)``.
+
+    Args:
+      dbias: :math:`\sum\bar y` per example and channel.
+      dscale: :math:`\sum\bar y\hat x` per example and channel.
+      scale: :math:`\gamma`, ``(C,)``.
+      groups: :math:`G`.
+      spatial: :math:`S`.
+    """
+    batch, channels = dbias.shape
+    gamma = scale.astype(jnp.float32)[None, :]
+    count = spatial * (channels // groups)
+    return tuple(per_channel(jnp.sum((gamma * s).reshape(batch, groups, -1), axis=2) / count,
+                              channels) for s in (dbias, dscale))
 
 
 def _statistics(x: Array, config: GroupNormConfig) -> tuple[Array, Array, Array]:
@@ -311,14 +332,14 @@ def _statistics(x: Array, config: GroupNormConfig) -> tuple[Array, Array, Array]
     channels = tiling.tile.features
     group_size = channels // tiling.groups
     pivot = x.reshape(tiling.batch, tiling.spatial, channels)[:, 0, ::group_size]
-    pivot = _per_channel(pivot.astype(jnp.float32), channels)
+    pivot = per_channel(pivot.astype(jnp.float32), channels)
     outputs = _call(functools.partial(_moments_kernel, tiling=tiling),
                     tiling.batch * tiling.programs, _partials(tiling, 3), tiling,
                     "jaxnorm_group_norm_moments", x, pivot)
     shifted_mean, var = merge_moments(*(_per_program(o, tiling) for o in outputs),
                                       tiling.groups)
     rstd = lax.rsqrt(var + jnp.float32(config.eps))
-    return pivot, _per_channel(shifted_mean, channels), _per_channel(rstd, channels)
+    return pivot, per_channel(shifted_mean, channels), per_channel(rstd, channels)
 
 
 def _normalize(x: Array, statistics: tuple[Array, Array, Array], scale: Array, bias: Array,
@@ -364,14 +385,10 @@ def _group_norm_bwd(config: GroupNormConfig, residuals: tuple[Array, ...], dy: A
     x, scale, bias, pivot, shift, rstd = residuals
     config = stage_config(config, x.dtype, "backward")
     tiling = config.tiling
-    channels = tiling.tile.features
     dbias, dscale = (jnp.sum(_per_program(o, tiling), axis=1) for o in _call(
         functools.partial(_sums_kernel, tiling=tiling), tiling.batch * tiling.programs,
         _partials(tiling, 2), tiling, "jaxnorm_group_norm_sums", x, dy, pivot, shift, rstd))
-    gamma = scale.astype(jnp.float32)[None, :]
-    count = tiling.spatial * (channels // tiling.groups)
-    c1, c2 = (_per_channel(jnp.sum((gamma * s).reshape(tiling.batch, tiling.groups, -1),
-                                   axis=2) / count, channels) for s in (dbias, dscale))
+    c1, c2 = set_means(dbias, dscale, scale, tiling.groups, tiling.spatial)
     dx = _call(functools.partial(_dx_kernel, tiling=tiling), tiling.batch * tiling.row_tiles,
                jax.ShapeDtypeStruct(x.shape, x.dtype), tiling, "jaxnorm_group_norm_dx",
                x, dy, pivot, shift, rstd, c1, c2, scale)

@@ -41,6 +41,7 @@ from jaxnorm._pallas_common import (
     row_indices,
     store_tile,
     tile_mask,
+    with_partial_sums_backward,
 )
 from jaxnorm._pallas_tuning import tuned_settings
 
@@ -189,8 +190,10 @@ def _backward(x: Array, scale: Array, dy: Array, config: RowNormConfig
     )(x, scale, dy)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def row_norm(x: Array, scale: Array, bias: Array, config: RowNormConfig) -> Array:
+_row_norm_vjp = with_partial_sums_backward(_forward, _backward)
+
+
+def row_norm(x: Array, scale: Array, bias: Array, config: Any) -> Array:
     r"""LayerNorm (``config.centered``) or RMSNorm of each row of ``x``.
 
     Args:
@@ -202,24 +205,4 @@ def row_norm(x: Array, scale: Array, bias: Array, config: RowNormConfig) -> Arra
     Returns:
       ``y``, ``(R, N)`` in ``config.dtype``.
     """
-    return _forward(x, scale, bias, config)
-
-
-def _row_norm_fwd(x: Array, scale: Array, bias: Array, config: RowNormConfig
-                  ) -> tuple[Array, tuple[Array, Array, Array]]:
-    """The forward, keeping ``x`` and the parameters for the backward."""
-    return _forward(x, scale, bias, config), (x, scale, bias)
-
-
-def _row_norm_bwd(config: RowNormConfig, residuals: tuple[Array, Array, Array], dy: Array
-                  ) -> tuple[Array, Array, Array]:
-    """The kernel's ``dx`` and the XLA sum of its dγ/dβ partials."""
-    x, scale, bias = residuals
-    dx, dscale, dbias = _backward(x, scale, dy, config)
-    features = config.tiling.features
-    dscale = jnp.sum(dscale, axis=0)[:features].astype(scale.dtype)
-    dbias = jnp.sum(dbias, axis=0)[:features].astype(bias.dtype)
-    return dx, dscale, dbias
-
-
-row_norm.defvjp(_row_norm_fwd, _row_norm_bwd)
+    return _row_norm_vjp(x, scale, bias, config)

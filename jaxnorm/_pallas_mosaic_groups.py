@@ -45,7 +45,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxnorm._pallas_group_norm import merge_moments
+from jaxnorm._pallas_group_norm import merge_moments, per_channel, set_means
 from jaxnorm._pallas_mosaic_rows import (
     LANES,
     InterpretGPUParams,
@@ -306,11 +306,6 @@ def _dx_step(j: Array, tiles: list[Array], vectors: list[Array], sums: list[Arra
     return a * dy + b * ((x - pivot) - shift) + c, []
 
 
-def _per_channel(value: Array, channels: int) -> Array:
-    """``(B, G)`` → ``(B, C)``: each group's value on its channels."""
-    return jnp.repeat(value, channels // value.shape[1], axis=1)
-
-
 def _program_counts(config: MosaicGroupConfig) -> np.ndarray:
     """Tiles each program of an example visits, ``(P,)``."""
     shares = np.arange(config.programs)
@@ -321,7 +316,7 @@ def _statistics(x: Array, config: MosaicGroupConfig) -> tuple[Array, Array, Arra
     r"""``(pivot, shift, rstd)`` per example and channel ``(B, C)`` float32."""
     channels, group_size = config.channels, config.channels // config.groups
     pivot = x.reshape(config.batch, config.spatial, channels)[:, 0, ::group_size]
-    pivot = _per_channel(pivot.astype(jnp.float32), channels)
+    pivot = per_channel(pivot.astype(jnp.float32), channels)
     _, (mean, m2) = _elementwise_kernel(config, _moments_step, [x], [pivot], 2, None)
     parts = (config.batch, config.programs * config.rows, channels)
     count = jnp.broadcast_to(jnp.asarray(_program_counts(config))[None, :, None, None],
@@ -329,7 +324,7 @@ def _statistics(x: Array, config: MosaicGroupConfig) -> tuple[Array, Array, Arra
     shifted_mean, var = merge_moments(count, mean.reshape(parts), m2.reshape(parts),
                                       config.groups)
     rstd = lax.rsqrt(var + jnp.float32(config.eps))
-    return pivot, _per_channel(shifted_mean, channels), _per_channel(rstd, channels)
+    return pivot, per_channel(shifted_mean, channels), per_channel(rstd, channels)
 
 
 def _normalize(x: Array, statistics: tuple[Array, Array, Array], scale: Array, bias: Array,
@@ -370,15 +365,12 @@ def _group_norm_bwd(config: MosaicGroupConfig, residuals: tuple[Array, ...], dy:
                     ) -> tuple[Array, Array, Array]:
     """The sums kernel, the per-set sums in XLA, then the ``dx`` kernel."""
     x, scale, bias, pivot, shift, rstd = residuals
-    channels = config.channels
     _, partials = _elementwise_kernel(config, _sums_step, [x, dy], [pivot, shift, rstd], 2,
                                       None)
     dbias, dscale = (jnp.sum(p, axis=(1, 2)) for p in partials)
-    gamma = scale.astype(jnp.float32)[None, :]
-    count = config.spatial * (channels // config.groups)
-    c1, c2 = (_per_channel(jnp.sum((gamma * s).reshape(config.batch, config.groups, -1),
-                                   axis=2) / count, channels) for s in (dbias, dscale))
-    vectors = [pivot, shift, rstd * gamma, -rstd * rstd * c2, -rstd * c1]
+    c1, c2 = set_means(dbias, dscale, scale, config.groups, config.spatial)
+    vectors = [pivot, shift, rstd * scale.astype(jnp.float32)[None, :], -rstd * rstd * c2,
+               -rstd * c1]
     dx, _ = _elementwise_kernel(config, _dx_step, [x, dy], vectors, 0, x.dtype)
     return (dx, jnp.sum(dscale, axis=0).astype(scale.dtype),
             jnp.sum(dbias, axis=0).astype(bias.dtype))

@@ -35,7 +35,6 @@ one.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -43,6 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxnorm._pallas_common import with_partial_sums_backward
 from jaxnorm._pallas_tuning import tuned_settings
 
 try:  # Mosaic GPU (JAX 0.5+); its interpret mode (JAX 0.10+) runs it on a CPU
@@ -284,8 +284,10 @@ def _backward(x: Array, scale: Array, dy: Array, config: MosaicRowConfig
             dscale.reshape(programs, config.features), dbias.reshape(programs, config.features))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def mosaic_row_norm(x: Array, scale: Array, bias: Array, config: MosaicRowConfig) -> Array:
+_mosaic_row_norm_vjp = with_partial_sums_backward(_forward, _backward)
+
+
+def mosaic_row_norm(x: Array, scale: Array, bias: Array, config: Any) -> Array:
     r"""LayerNorm (``config.centered``) or RMSNorm of each row of ``x`` by Mosaic GPU.
 
     Args:
@@ -297,21 +299,4 @@ def mosaic_row_norm(x: Array, scale: Array, bias: Array, config: MosaicRowConfig
     Returns:
       ``y``, ``(R, N)`` in ``config.dtype``.
     """
-    return _forward(x, scale, bias, config)
-
-
-def _mosaic_row_norm_fwd(x: Array, scale: Array, bias: Array, config: MosaicRowConfig
-                         ) -> tuple[Array, tuple[Array, Array, Array]]:
-    """The forward, keeping ``x`` and the parameters for the backward."""
-    return _forward(x, scale, bias, config), (x, scale, bias)
-
-
-def _mosaic_row_norm_bwd(config: MosaicRowConfig, residuals: tuple[Array, Array, Array],
-                         dy: Array) -> tuple[Array, Array, Array]:
-    """The kernel's ``dx`` and the XLA sum of its dγ/dβ partials."""
-    x, scale, bias = residuals
-    dx, dscale, dbias = _backward(x, scale, dy, config)
-    return dx, jnp.sum(dscale, axis=0).astype(scale.dtype), jnp.sum(dbias, axis=0).astype(bias.dtype)
-
-
-mosaic_row_norm.defvjp(_mosaic_row_norm_fwd, _mosaic_row_norm_bwd)
+    return _mosaic_row_norm_vjp(x, scale, bias, config)

@@ -16,6 +16,7 @@ import jaxnorm
 from jaxnorm import _pallas_dispatch, _pallas_mosaic_groups, _pallas_mosaic_rows
 from jaxnorm._pallas_mosaic_groups import MosaicGroupConfig, mosaic_group_norm_rows
 from jaxnorm._pallas_mosaic_rows import MosaicRowConfig, mosaic_row_norm
+from tests import reference
 
 pytestmark = pytest.mark.skipif(
     not _pallas_mosaic_rows.available(), reason="this JAX lacks Mosaic GPU's interpret mode"
@@ -25,16 +26,14 @@ EPS = 1e-5
 
 
 def _reference(x, scale, bias, dy, centered: bool):
-    """float64 ``(y, dx, dscale, dbias)`` of a row normalization over the last axis."""
+    """float64 ``(y, dx, dscale, dbias)`` of a row normalization over the last axis (the
+    hand-derived formulas of ``tests/reference.py``)."""
     x, scale, bias, dy = (np.asarray(a, np.float64) for a in (x, scale, bias, dy))
-    centred = x - x.mean(-1, keepdims=True) if centered else x
-    rstd = 1 / np.sqrt((centred**2).mean(-1, keepdims=True) + EPS)
-    x_hat = centred * rstd
-    g = dy * scale
-    dx = g - x_hat * (g * x_hat).mean(-1, keepdims=True)
     if centered:
-        dx = dx - g.mean(-1, keepdims=True)
-    return x_hat * scale + bias, dx * rstd, (dy * x_hat).sum(0), dy.sum(0)
+        return (reference.layer_norm(x, scale, bias, eps=EPS),
+                *reference.layer_norm_vjp(dy, x, scale, bias, eps=EPS))
+    dx, dscale = reference.rms_norm_vjp(dy, x, scale, eps=EPS)
+    return reference.rms_norm(x, scale, eps=EPS) + bias, dx, dscale, dy.sum(0)
 
 
 def _inputs(rows: int, features: int, dtype, param_dtype, seed: int = 0):
@@ -96,9 +95,9 @@ def test_constant_rows_give_exactly_bias_and_far_rows_stay_accurate(three_progra
 def test_the_dispatcher_runs_mosaic_where_asked_and_triton_for_other_widths(
         monkeypatch, three_programs) -> None:
     calls: list[str] = []
-    forward = _pallas_mosaic_rows._forward
-    monkeypatch.setattr(_pallas_mosaic_rows, "_forward",
-                        lambda *a: calls.append("mosaic") or forward(*a))
+    kernel = _pallas_dispatch.mosaic_row_norm
+    monkeypatch.setattr(_pallas_dispatch, "mosaic_row_norm",
+                        lambda *a: calls.append("mosaic") or kernel(*a))
     monkeypatch.setenv("JAXNORM_PALLAS_BACKEND", "mosaic_gpu")
     x = jax.random.normal(jax.random.key(0), (2, 3, 256)) * 3 + 2
     scale, bias = jnp.linspace(0.5, 1.5, 256), jnp.linspace(-1.0, 1.0, 256)
@@ -155,18 +154,14 @@ def test_planned_settings_fit_an_sm(stage: str, dtype) -> None:
 
 
 def _group_reference(x, scale, bias, dy, batch: int, groups: int):
-    """float64 ``(y, dx, dscale, dbias)`` of GroupNorm of ``(B S, C)`` rows."""
-    x, scale, bias, dy = (np.asarray(a, np.float64) for a in (x, scale, bias, dy))
-    channels = x.shape[-1]
-    grouped = x.reshape(batch, -1, groups, channels // groups)
-    mean = grouped.mean((1, 3), keepdims=True)
-    rstd = 1 / np.sqrt(grouped.var((1, 3), keepdims=True) + EPS)
-    x_hat = (grouped - mean) * rstd
-    g = (dy * scale).reshape(x_hat.shape)
-    dx = rstd * (g - g.mean((1, 3), keepdims=True)
-                 - x_hat * (g * x_hat).mean((1, 3), keepdims=True))
-    x_hat = x_hat.reshape(x.shape)
-    return x_hat * scale + bias, dx.reshape(x.shape), (dy * x_hat).sum(0), dy.sum(0)
+    """float64 ``(y, dx, dscale, dbias)`` of GroupNorm of ``(B S, C)`` rows
+    (``tests/reference.py``)."""
+    x, scale, bias, dy = (np.asarray(a, np.float64).reshape(batch, -1, x.shape[-1])
+                          if a.ndim == 2 else np.asarray(a, np.float64)
+                          for a in (x, scale, bias, dy))
+    y = reference.group_norm(x, scale, bias, num_groups=groups, eps=EPS)
+    dx, dscale, dbias = reference.group_norm_vjp(dy, x, scale, bias, num_groups=groups, eps=EPS)
+    return y.reshape(-1, x.shape[-1]), dx.reshape(-1, x.shape[-1]), dscale, dbias
 
 
 @pytest.fixture
@@ -202,9 +197,9 @@ def test_group_constant_sets_give_exactly_bias_through_the_dispatcher(
         monkeypatch, small_tiles) -> None:
     monkeypatch.setattr(_pallas_dispatch, "BACKEND", "mosaic_gpu")
     calls: list[str] = []
-    normalize = _pallas_mosaic_groups._normalize
-    monkeypatch.setattr(_pallas_mosaic_groups, "_normalize",
-                        lambda *a: calls.append("mosaic") or normalize(*a))
+    kernel = _pallas_dispatch.mosaic_group_norm_rows
+    monkeypatch.setattr(_pallas_dispatch, "mosaic_group_norm_rows",
+                        lambda *a: calls.append("mosaic") or kernel(*a))
     # two examples, 4 groups: constant sets (one far from zero), and a set of mean 1e4
     values = jnp.asarray([3.25, -1e4, 12345.678, 0.5], jnp.float32)
     x = jnp.broadcast_to(jnp.repeat(values, 8), (2, 4, 4, 32))
