@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxnorm
+from jaxnorm import _pallas_mosaic_rows
 
 ROWS = [(8192, 2048), (8192, 4096), (8192, 5120), (8192, 8192), (50176, 768)]
 SWEEP = ([(kind, shape, 1) for shape in ROWS for kind in ("layer_norm", "rms_norm")]
@@ -283,7 +284,8 @@ def _environment() -> dict[str, Any]:
     return {"jax": jax.__version__, "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind), "python": platform.python_version(),
             "pallas_backend": "triton (jax.experimental.pallas.triton); interpret off GPU",
-            "backend": os.environ.get("JAXNORM_PALLAS_BACKEND") or "default",
+            "kernel_backend": os.environ.get("JAXNORM_PALLAS_BACKEND") or "default",
+            "mosaic_gpu_available": _pallas_mosaic_rows.available(),
             "timing": "per case: profiler (GPU kernel time) or wall (pipelined calls)"}
 
 

@@ -1,5 +1,6 @@
-"""Tile-setting sweep of the Pallas kernels on a GPU: which tiles, warps and program counts
-are fastest, measured, per case of the LayerNorm/RMSNorm and GroupNorm/InstanceNorm sweep.
+"""Tile-setting sweep of the Pallas kernels on a GPU: which backend, tiles, warps and
+program counts are fastest, measured, per case of the LayerNorm/RMSNorm and
+GroupNorm/InstanceNorm sweep.
 
 Usage (repository root on ``PYTHONPATH``, no installs)::
 
@@ -10,7 +11,10 @@ The kernels read their tile settings from module constants
 (``jaxnorm._pallas_common.TILE_ELEMENTS``/``NUM_WARPS``,
 ``jaxnorm._pallas_layer_norm.MAX_PARTIAL_BLOCKS``/``BACKWARD_*``,
 ``jaxnorm._pallas_group_norm.TILE_ELEMENTS``/``MAX_BLOCK_ROWS``/``NUM_WARPS``/
-``TARGET_PROGRAMS``). For each case this script traces the forward and the
+``TARGET_PROGRAMS``; for the Mosaic GPU kernels, selected by
+``jaxnorm._pallas_dispatch.BACKEND``, ``jaxnorm._pallas_mosaic_rows.PROGRAMS``/``STAGES``
+and ``jaxnorm._pallas_mosaic_groups.TILE_ELEMENTS``/``PROGRAMS``/``STAGES``; a Mosaic
+variant of a shape its kernels do not take is not run). For each case this script traces the forward and the
 forward+backward once per variant of those constants (the constants are read while
 tracing), compiles all of them in parallel threads, checks every variant's ``y`` and
 gradients against the XLA path, and times every variant and the XLA path in one
@@ -36,12 +40,15 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-import pallas_check as check  # noqa: E402  (the shared timing and checking helpers)
+import pallas_check as check
 
-from jaxnorm import (  # noqa: E402
+from jaxnorm import (
     _pallas_common,
+    _pallas_dispatch,
     _pallas_group_norm,
     _pallas_layer_norm,
+    _pallas_mosaic_groups,
+    _pallas_mosaic_rows,
     _pallas_tuning,
 )
 
@@ -61,12 +68,57 @@ GROUP_VARIANTS = [
 ]
 """Group-kernel variants: tile elements, most rows a tile, warps, reducing programs."""
 
+MOSAIC = "mosaic_gpu"
+"""The ``backend`` of a Mosaic GPU variant (variants without one are Triton's)."""
+
+MOSAIC_ROW_VARIANTS = [
+    {"backend": MOSAIC}, {"backend": MOSAIC, "programs": 132},
+    {"backend": MOSAIC, "programs": 264}, {"backend": MOSAIC, "programs": 1056},
+    {"backend": MOSAIC, "stages": 4},
+]
+"""Mosaic GPU row-kernel variants: the planned settings (first), programs, stages."""
+
+MOSAIC_GROUP_VARIANTS = [
+    {"backend": MOSAIC}, {"backend": MOSAIC, "tile": 2048}, {"backend": MOSAIC, "tile": 8192},
+    {"backend": MOSAIC, "programs": 16}, {"backend": MOSAIC, "stages": 4},
+]
+"""Mosaic GPU group-kernel variants: the defaults (first), tile, programs an example,
+stages."""
+
+BACKEND_OF = {None: "triton", MOSAIC: MOSAIC}
+"""A variant's backend from its ``backend`` key."""
+
+
+def variants_of(kind: str) -> list[dict[str, Any]]:
+    """Every variant of ``kind``'s kernel: Triton's, then Mosaic GPU's."""
+    if kind in ("layer_norm", "rms_norm"):
+        return ROW_VARIANTS + MOSAIC_ROW_VARIANTS
+    return GROUP_VARIANTS + MOSAIC_GROUP_VARIANTS
+
+
+def mosaic_takes(kind: str, shape: tuple[int, ...], dtype: Any) -> bool:
+    """Whether the Mosaic GPU kernels take a case (the dispatcher would use Triton)."""
+    if kind in ("layer_norm", "rms_norm"):
+        return _pallas_mosaic_rows.takes(shape[-1], dtype)
+    spatial = 1
+    for size in shape[1:-1]:
+        spatial *= size
+    return _pallas_mosaic_groups.takes(spatial, shape[-1], dtype)
+
 
 @contextlib.contextmanager
 def settings(kind: str, variant: dict[str, int]) -> Iterator[None]:
     """Sets the kernels' tile constants to ``variant`` (None: the default) and empties the
     measured table for the duration, so that exactly ``variant`` is traced."""
-    if kind in ("layer_norm", "rms_norm"):
+    rows = kind in ("layer_norm", "rms_norm")
+    if variant.get("backend") == MOSAIC and rows:
+        targets = [(_pallas_mosaic_rows, "PROGRAMS", variant.get("programs")),
+                   (_pallas_mosaic_rows, "STAGES", variant.get("stages"))]
+    elif variant.get("backend") == MOSAIC:
+        targets = [(_pallas_mosaic_groups, "TILE_ELEMENTS", variant.get("tile")),
+                   (_pallas_mosaic_groups, "PROGRAMS", variant.get("programs")),
+                   (_pallas_mosaic_groups, "STAGES", variant.get("stages"))]
+    elif rows:
         targets = [(_pallas_common, "TILE_ELEMENTS", variant.get("tile")),
                    (_pallas_common, "NUM_WARPS", variant.get("warps")),
                    (_pallas_layer_norm, "MAX_PARTIAL_BLOCKS", variant.get("partials"))]
@@ -75,7 +127,8 @@ def settings(kind: str, variant: dict[str, int]) -> Iterator[None]:
                    (_pallas_group_norm, "MAX_BLOCK_ROWS", variant.get("rows")),
                    (_pallas_group_norm, "NUM_WARPS", variant.get("warps")),
                    (_pallas_group_norm, "TARGET_PROGRAMS", variant.get("programs"))]
-    targets.append((_pallas_tuning, "TUNED", []))
+    targets += [(_pallas_tuning, "TUNED", []), (_pallas_tuning, "PREFERRED_BACKEND", []),
+                (_pallas_dispatch, "BACKEND", BACKEND_OF[variant.get("backend")])]
     saved = [(module, name, getattr(module, name)) for module, name, _ in targets]
     try:
         for module, name, value in targets:
@@ -106,9 +159,13 @@ def lowered_pair(kind: str, groups: int, implementation: str, name: str,
 
 def compiled_variants(kind: str, groups: int, args: tuple, variants: list[dict[str, int]]
                       ) -> dict[str, Callable]:
-    """Every variant's and XLA's forward and forward+backward, compiled in parallel."""
+    """Every variant's and XLA's forward and forward+backward, compiled in parallel (a
+    Mosaic GPU variant only where its kernels take the shape)."""
     lowered = lowered_pair(kind, groups, "xla", "tune_xla", args)
+    taken = mosaic_takes(kind, args[0].shape, args[0].dtype)
     for index, variant in enumerate(variants):
+        if variant.get("backend") == MOSAIC and not taken:
+            continue
         with settings(kind, variant):
             try:
                 lowered.update(lowered_pair(kind, groups, "pallas", f"tune_v{index}", args))
@@ -139,9 +196,12 @@ def tune_case(kind: str, shape: tuple[int, ...], groups: int, dtype_name: str,
     seconds, record["timing"] = check._times(functions, calls, repeats)
     record["xla_fwd_us"] = 1e6 * seconds["tune_xla_fwd"]
     record["xla_fwdbwd_us"] = 1e6 * seconds["tune_xla_fwdbwd"]
+    taken = mosaic_takes(kind, shape, args[0].dtype)
     for index, variant in enumerate(variants):
         if f"tune_v{index}_fwd" not in seconds or f"tune_v{index}_fwdbwd" not in seconds:
-            record["variants"].append({**variant, "ok": False, "error": "did not compile",
+            skipped = variant.get("backend") == MOSAIC and not taken
+            error = "a shape the Mosaic GPU kernels do not take" if skipped else "did not compile"
+            record["variants"].append({**variant, "ok": False, "error": error,
                                        "fwd_us": float("inf"), "fwdbwd_us": float("inf")})
             continue
         outputs = compiled[f"tune_v{index}_fwdbwd"](*args)
@@ -163,15 +223,14 @@ def best_line(record: dict[str, Any]) -> str:
     for stage in ("fwd", "fwdbwd"):
         best = min(good, key=lambda v: v[f"{stage}_us"])
         xla = record[f"xla_{stage}_us"]
-        setting = {k: v for k, v in best.items() if k in ("tile", "warps", "partials",
-                                                           "rows", "programs")}
+        setting = {k: v for k, v in best.items() if k in (*SETTING_KEYS, "backend")}
         cells.append(f"{stage}: xla {xla:8.1f} best {best[f'{stage}_us']:8.1f} "
                      f"({best[f'{stage}_us'] / xla:4.2f}) {setting}")
     bad = sum(not v["ok"] for v in record["variants"])
     return f"{head} {' | '.join(cells)}" + (f"  {bad} variants FAILED check" if bad else "")
 
 
-SETTING_KEYS = ("tile", "warps", "partials", "rows", "programs")
+SETTING_KEYS = ("tile", "warps", "partials", "rows", "programs", "stages")
 """The keys of a variant that are settings (the rest are its measurements)."""
 
 MIN_GAIN = 0.03
@@ -196,39 +255,62 @@ def case_keys(cases: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
     return keyed
 
 
-def best_variant(members: list[dict[str, Any]], stage: str) -> int:
-    """The variant whose ``stage`` time, relative to the defaults (variant 0) and summed
-    over ``members``, is least; 0 unless it gains :data:`MIN_GAIN`."""
+def best_variant(members: list[dict[str, Any]], stage: str, indices: list[int]) -> int:
+    """Of the variants ``indices`` (the first: that backend's defaults), the one whose
+    ``stage`` time relative to the defaults, summed over ``members``, is least; the
+    defaults unless it gains :data:`MIN_GAIN`."""
+    default = indices[0]
 
     def cost(index: int) -> float:
-        return sum(stage_time(m["variants"][index], stage) / stage_time(m["variants"][0], stage)
+        return sum(stage_time(m["variants"][index], stage)
+                   / stage_time(m["variants"][default], stage)
                    if m["variants"][index].get("ok") else float("inf") for m in members)
 
-    best = min(range(len(members[0]["variants"])), key=cost)
-    return best if cost(best) <= (1 - MIN_GAIN) * cost(0) else 0
+    best = min(indices, key=cost)
+    return best if cost(best) <= (1 - MIN_GAIN) * cost(default) else default
 
 
-def table_entries(cases: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
-    """``(TUNED, MEASURED_FASTER)`` of the run: per kernel, dtype, padded width and stage
-    the best setting (when not the defaults); per kernel, dtype and width whether that
-    tuned kernel beat XLA by :data:`MIN_GAIN` in both passes on every member case."""
-    tuned, faster = [], []
+def backend_indices(members: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """The variant indices of each backend whose defaults passed on every member."""
+    backends: dict[str, list[int]] = {}
+    for index, variant in enumerate(members[0]["variants"]):
+        backends.setdefault(BACKEND_OF[variant.get("backend")], []).append(index)
+    return {backend: indices for backend, indices in backends.items()
+            if all(m["variants"][indices[0]].get("ok") for m in members)}
+
+
+def table_entries(cases: list[dict[str, Any]]) -> tuple[list[dict], list[dict], list[dict]]:
+    """``(TUNED, MEASURED_FASTER, PREFERRED_BACKEND)`` of the run, per kernel, dtype and
+    padded width, for each backend measured (Mosaic GPU's under ``"mosaic_<kernel>"``):
+    the best setting per stage (when not that backend's defaults); whether that tuned
+    kernel beat XLA by :data:`MIN_GAIN` in both passes on every member case; and the
+    backend whose tuned kernel took less forward+backward time relative to XLA, summed
+    over the members."""
+    tuned, faster, preferred = [], [], []
     for (kernel, dtype, width), members in sorted(case_keys(cases).items()):
-        chosen = {stage: best_variant(members, stage) for stage in ("forward", "backward")}
-        for stage, index in chosen.items():
-            if index:
-                setting = {k: v for k, v in members[0]["variants"][index].items()
-                           if k in SETTING_KEYS}
-                tuned.append({"kernel": kernel, "dtype": dtype, "width": width,
-                              "stage": stage, "settings": setting})
-        wins = []
-        for m in members:
-            fwd = stage_time(m["variants"][chosen["forward"]], "forward")
-            bwd = stage_time(m["variants"][chosen["backward"]], "backward")
-            wins.append(fwd <= (1 - MIN_GAIN) * m["xla_fwd_us"]
-                        and fwd + bwd <= (1 - MIN_GAIN) * m["xla_fwdbwd_us"])
-        faster.append({"kernel": kernel, "dtype": dtype, "width": width, "pallas": all(wins)})
-    return tuned, faster
+        totals = {}
+        for backend, indices in backend_indices(members).items():
+            name = f"mosaic_{kernel}" if backend == MOSAIC else kernel
+            chosen = {stage: best_variant(members, stage, indices)
+                      for stage in ("forward", "backward")}
+            for stage, index in chosen.items():
+                if index != indices[0]:
+                    setting = {k: v for k, v in members[0]["variants"][index].items()
+                               if k in SETTING_KEYS}
+                    tuned.append({"kernel": name, "dtype": dtype, "width": width,
+                                  "stage": stage, "settings": setting})
+            wins, totals[backend] = [], 0.0
+            for m in members:
+                fwd = stage_time(m["variants"][chosen["forward"]], "forward")
+                bwd = stage_time(m["variants"][chosen["backward"]], "backward")
+                wins.append(fwd <= (1 - MIN_GAIN) * m["xla_fwd_us"]
+                            and fwd + bwd <= (1 - MIN_GAIN) * m["xla_fwdbwd_us"])
+                totals[backend] += (fwd + bwd) / m["xla_fwdbwd_us"]
+            faster.append({"kernel": name, "dtype": dtype, "width": width, "pallas": all(wins)})
+        if totals:
+            preferred.append({"kernel": kernel, "dtype": dtype, "width": width,
+                              "backend": min(totals, key=totals.get)})
+    return tuned, faster, preferred
 
 
 def _python(entry: dict[str, Any]) -> str:
@@ -253,13 +335,15 @@ def _literal(name: str, entries: list[dict]) -> str:
 
 
 def write_table(path: pathlib.Path, cases: list[dict[str, Any]], measured_on: str) -> None:
-    """Rewrites ``MEASURED_ON``, ``TUNED`` and ``MEASURED_FASTER`` in the table module at
+    """Rewrites ``MEASURED_ON``, ``TUNED``, ``MEASURED_FASTER`` and ``PREFERRED_BACKEND``
+    in the table module at
     ``path`` (each assignment up to its docstring)."""
-    tuned, faster = table_entries(cases)
+    tuned, faster, preferred = table_entries(cases)
     text = path.read_text()
     replacements = {"MEASURED_ON": f"MEASURED_ON = {json.dumps(measured_on)}\n",
                     "TUNED": _literal("TUNED", tuned),
-                    "MEASURED_FASTER": _literal("MEASURED_FASTER", faster)}
+                    "MEASURED_FASTER": _literal("MEASURED_FASTER", faster),
+                    "PREFERRED_BACKEND": _literal("PREFERRED_BACKEND", preferred)}
     for name, assignment in replacements.items():
         start = text.index(f"\n{name}") + 1
         end = text.index('\n"""', start) + 1
@@ -298,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         for dtype_name in check.DTYPES:
             if options.only and kind not in options.only:
                 continue
-            variants = ROW_VARIANTS if kind in ("layer_norm", "rms_norm") else GROUP_VARIANTS
+            variants = variants_of(kind)
             if time.perf_counter() - start > options.budget:
                 record = {**check._record(kind, shape, groups, dtype_name),
                           "skipped": "time budget"}

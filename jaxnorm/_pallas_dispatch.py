@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jaxnorm import _pallas_mosaic_groups as mosaic_groups
 from jaxnorm import _pallas_mosaic_rows as mosaic_rows
 from jaxnorm._affine import NormSpec
-from jaxnorm._implementation import KernelCase, select_implementation
+from jaxnorm._implementation import KernelCase, select_implementation, table_key
 from jaxnorm._pallas_common import (
     check_backend_available,
     interpret_mode,
@@ -51,6 +51,7 @@ from jaxnorm._pallas_group_norm import GroupNormConfig, group_norm_rows, make_gr
 from jaxnorm._pallas_layer_norm import RowNormConfig, row_norm
 from jaxnorm._pallas_mosaic_groups import MosaicGroupConfig, mosaic_group_norm_rows
 from jaxnorm._pallas_mosaic_rows import MosaicRowConfig, mosaic_row_norm
+from jaxnorm._pallas_tuning import preferred_backend
 from jaxnorm._sharding import explicit_shards
 
 Array = jax.Array
@@ -101,17 +102,19 @@ def _trailing_rows(x: Array, reduction: tuple[int, ...], parameters: tuple[Array
     return x.size // max(features, 1), features
 
 
-def kernel_backend(mosaic_takes: bool) -> str:
+def kernel_backend(case: KernelCase, mosaic_takes: bool) -> str:
     """The Pallas backend of a kernel call: ``"triton"`` or ``"mosaic_gpu"``.
 
-    :data:`BACKEND` (else ``$JAXNORM_PALLAS_BACKEND``) names it; by default ``"triton"``,
-    the kernels timed on an H200, or ``"mosaic_gpu"`` where this JAX has no Triton
-    backend. ``"mosaic_gpu"`` applies only where its kernels take the shape
-    (``mosaic_takes``: :func:`jaxnorm._pallas_mosaic_rows.takes`,
-    :func:`jaxnorm._pallas_mosaic_groups.takes`); other shapes take Triton.
+    :data:`BACKEND` (else ``$JAXNORM_PALLAS_BACKEND``) names it. Otherwise the backend
+    measured faster for the case's kernel, dtype and width
+    (:func:`jaxnorm._pallas_tuning.preferred_backend`), else ``"triton"``, or
+    ``"mosaic_gpu"`` where this JAX has no Triton backend. ``"mosaic_gpu"`` applies only
+    where its kernels take the shape (``mosaic_takes``); other shapes take Triton.
 
     Args:
-      mosaic_takes: whether the Mosaic GPU kernel takes this call's shape and dtype.
+      case: what the kernel would compute (its ``backend`` ignored).
+      mosaic_takes: whether the Mosaic GPU kernel takes this call's shape and dtype
+        (:func:`jaxnorm._pallas_mosaic_rows.takes`, :func:`jaxnorm._pallas_mosaic_groups.takes`).
     """
     requested = BACKEND or os.environ.get("JAXNORM_PALLAS_BACKEND") or None
     if requested is not None and requested not in BACKENDS:
@@ -119,15 +122,18 @@ def kernel_backend(mosaic_takes: bool) -> str:
             f"JAXNORM_PALLAS_BACKEND (or _pallas_dispatch.BACKEND) must be one of "
             f"{BACKENDS}, got {requested!r}"
         )
-    wanted = requested or ("triton" if pl_triton is not None else "mosaic_gpu")
+    kernel, width = table_key(case)
+    measured = preferred_backend(kernel, case.dtype, width) if requested is None else None
+    wanted = requested or measured or ("triton" if pl_triton is not None else "mosaic_gpu")
     return "mosaic_gpu" if wanted == "mosaic_gpu" and mosaic_takes else "triton"
 
 
 def _row_plan(x: Array, scale: Array | None, bias: Array | None, spec: NormSpec) -> KernelPlan:
     """The row kernel's plan for LayerNorm/RMSNorm over the trailing axes."""
     rows, features = _trailing_rows(x, spec.reduction, (scale, bias))
-    backend = kernel_backend(mosaic_rows.takes(features, x.dtype))
-    case = KernelCase("row", x.dtype.name, spec.centered, features, rows, backend=backend)
+    case = KernelCase("row", x.dtype.name, spec.centered, features, rows)
+    backend = kernel_backend(case, mosaic_rows.takes(features, x.dtype))
+    case = dataclasses.replace(case, backend=backend)
     if backend == "triton":
         check_backend_available()
     if x.size == 0:
@@ -157,9 +163,9 @@ def _group_plan(x: Array, scale: Array | None, bias: Array | None, spec: NormSpe
             "last axis, statistics over every axis but 0)")
     batch, spatial = x.shape[0], math.prod(x.shape[1:group_axis])
     channels, groups = math.prod(x.shape[group_axis:]), x.shape[group_axis]
-    backend = kernel_backend(mosaic_groups.takes(spatial, channels, x.dtype))
-    case = KernelCase("group", x.dtype.name, True, channels, batch * spatial, groups, spatial,
-                      backend)
+    case = KernelCase("group", x.dtype.name, True, channels, batch * spatial, groups, spatial)
+    backend = kernel_backend(case, mosaic_groups.takes(spatial, channels, x.dtype))
+    case = dataclasses.replace(case, backend=backend)
     if backend == "triton":
         check_backend_available()
     if x.size == 0:

@@ -53,23 +53,33 @@ from jaxnorm._pallas_mosaic_rows import (
     plgpu,
     streaming_multiprocessors,
 )
+from jaxnorm._pallas_tuning import tuned_settings
 
 Array = jax.Array
 
-TILE_ELEMENTS = 4096
-"""The most values of ``x`` a tile holds (whole spatial rows)."""
+DEFAULT_TILE_ELEMENTS = 4096
+"""The most values of ``x`` a tile holds (whole spatial rows), where neither
+:data:`TILE_ELEMENTS` nor a measured setting (``tile``) says."""
+
+DEFAULT_STAGES = 3
+"""Tile copies in flight in each program's pipeline, where neither :data:`STAGES` nor a
+measured setting (``stages``) says."""
+
+PROGRAMS_PER_SM = 4
+"""Programs (warpgroups) of a kernel for each SM, spread over the examples, where neither
+:data:`PROGRAMS` nor a measured setting (``programs``, per example) says."""
 
 MAX_TILE_ROWS = 256
 """The most rows of the ``(rows C / L, L)`` view of a tile (a TMA copy's limit)."""
 
-PROGRAMS_PER_SM = 4
-"""Programs (warpgroups) of a kernel for each SM, spread over the examples."""
+TILE_ELEMENTS: int | None = None
+"""Overrides the tile size (tests and ``benchmarks/pallas_tune.py``)."""
 
 PROGRAMS: int | None = None
-"""Overrides the programs of each example (tests)."""
+"""Overrides the programs of each example."""
 
-STAGES = 3
-"""Tile copies in flight in each program's pipeline."""
+STAGES: int | None = None
+"""Overrides the pipeline depth."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +94,10 @@ class MosaicGroupConfig:
       channels: :math:`C`.
       groups: :math:`G` (InstanceNorm: :math:`C`).
       interpret: run in Mosaic GPU interpret mode (off a GPU).
+      tile_elements: the most values of a tile.
+      target_programs: programs of each example, or None for :data:`PROGRAMS_PER_SM` a
+        streaming multiprocessor over the batch.
+      stages: tile copies in flight.
     """
 
     eps: float
@@ -93,6 +107,9 @@ class MosaicGroupConfig:
     channels: int
     groups: int
     interpret: bool
+    tile_elements: int = DEFAULT_TILE_ELEMENTS
+    target_programs: int | None = None
+    stages: int = DEFAULT_STAGES
 
     @property
     def lanes(self) -> int:
@@ -102,7 +119,7 @@ class MosaicGroupConfig:
     @property
     def rows(self) -> int:
         """Spatial rows of a tile."""
-        return _tile_rows(self.spatial, self.channels)
+        return _tile_rows(self.spatial, self.channels, self.tile_elements)
 
     @property
     def tiles(self) -> int:
@@ -117,7 +134,8 @@ class MosaicGroupConfig:
     @property
     def programs(self) -> int:
         """:math:`P`, the programs of each example."""
-        wanted = PROGRAMS or pl.cdiv(PROGRAMS_PER_SM * streaming_multiprocessors(), self.batch)
+        wanted = self.target_programs or pl.cdiv(
+            PROGRAMS_PER_SM * streaming_multiprocessors(), self.batch)
         return max(1, min(self.tiles, wanted))
 
     @property
@@ -137,12 +155,12 @@ def _lanes(channels: int) -> int:
     return min(LANES, channels & -channels)
 
 
-def _tile_rows(spatial: int, channels: int) -> int:
+def _tile_rows(spatial: int, channels: int, tile_elements: int) -> int:
     """The most spatial rows (a power of two dividing ``spatial``) of a tile of at most
-    :data:`TILE_ELEMENTS` values and :data:`MAX_TILE_ROWS` view rows whose size is a
-    multiple of 128; 0 if there is none."""
+    ``tile_elements`` values and :data:`MAX_TILE_ROWS` view rows whose size is a multiple
+    of 128; 0 if there is none."""
     best, rows = 0, 1
-    while spatial % rows == 0 and rows * channels <= TILE_ELEMENTS:
+    while spatial % rows == 0 and rows * channels <= tile_elements:
         fits = rows * channels // _lanes(channels) <= MAX_TILE_ROWS
         if fits and rows * channels % LANES == 0:
             best = rows
@@ -154,8 +172,25 @@ def takes(spatial: int, channels: int, dtype: Any) -> bool:
     """Whether the Mosaic GPU kernels take ``(B, spatial, channels)`` inputs of ``dtype``:
     a TMA row of at least 16 bytes and a tile (:func:`_tile_rows`)."""
     itemsize = jnp.dtype(dtype).itemsize
+    tile_elements = TILE_ELEMENTS or DEFAULT_TILE_ELEMENTS
     return (available() and itemsize in (2, 4) and _lanes(channels) * itemsize >= 16
-            and _tile_rows(spatial, channels) > 0)
+            and _tile_rows(spatial, channels, tile_elements) > 0)
+
+
+def stage_config(config: MosaicGroupConfig, dtype: Any, stage: str) -> MosaicGroupConfig:
+    """``config`` with the settings of ``stage`` (``"forward"`` or ``"backward"``) for
+    inputs of ``dtype``: the overrides, else the measured ones
+    (:mod:`jaxnorm._pallas_tuning`), else the defaults; a measured tile that does not
+    divide the input keeps the default."""
+    kernel = "mosaic_instance_norm" if config.groups == config.channels else "mosaic_group_norm"
+    width = 1 << max(0, (config.channels - 1).bit_length())
+    tuned = tuned_settings(kernel, jnp.dtype(dtype).name, width, stage)
+    tile = TILE_ELEMENTS or tuned.get("tile") or DEFAULT_TILE_ELEMENTS
+    if _tile_rows(config.spatial, config.channels, tile) == 0:
+        tile = TILE_ELEMENTS or DEFAULT_TILE_ELEMENTS
+    return dataclasses.replace(
+        config, tile_elements=tile, target_programs=PROGRAMS or tuned.get("programs"),
+        stages=STAGES or tuned.get("stages") or DEFAULT_STAGES)
 
 
 def _in_layout(value: Array, config: MosaicGroupConfig) -> Array:
@@ -233,7 +268,7 @@ def _elementwise_kernel(config: MosaicGroupConfig, step: Step, streamed: Sequenc
                                            0, 0))
             plgpu.emit_pipeline(pipeline_step, grid=(config.steps,),
                                 in_specs=[spec] * len(streamed),
-                                max_concurrent_steps=min(STAGES, config.steps))(*streamed_refs)
+                                max_concurrent_steps=min(config.stages, config.steps))(*streamed_refs)
             partial_refs = out_refs[1:] if out_dtype is not None else out_refs
             for partial, accumulator in zip(partial_refs, accumulator_smem):
                 partial[program] = _load(accumulator, config)
@@ -351,12 +386,14 @@ def mosaic_group_norm_rows(x: Array, scale: Array, bias: Array, config: MosaicGr
     Returns:
       ``y``, ``(B S, C)`` in ``config.dtype``.
     """
+    config = stage_config(config, x.dtype, "forward")
     return _normalize(x, _statistics(x, config), scale, bias, config)
 
 
 def _group_norm_fwd(x: Array, scale: Array, bias: Array, config: MosaicGroupConfig
                     ) -> tuple[Array, tuple[Array, ...]]:
     """The forward, keeping ``x``, the parameters and the statistics."""
+    config = stage_config(config, x.dtype, "forward")
     statistics = _statistics(x, config)
     return _normalize(x, statistics, scale, bias, config), (x, scale, bias, *statistics)
 
@@ -365,6 +402,7 @@ def _group_norm_bwd(config: MosaicGroupConfig, residuals: tuple[Array, ...], dy:
                     ) -> tuple[Array, Array, Array]:
     """The sums kernel, the per-set sums in XLA, then the ``dx`` kernel."""
     x, scale, bias, pivot, shift, rstd = residuals
+    config = stage_config(config, x.dtype, "backward")
     _, partials = _elementwise_kernel(config, _sums_step, [x, dy], [pivot, shift, rstd], 2,
                                       None)
     dbias, dscale = (jnp.sum(p, axis=(1, 2)) for p in partials)

@@ -42,14 +42,17 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxnorm._pallas_common import with_partial_sums_backward
+from jaxnorm._pallas_common import interpret_mode, with_partial_sums_backward
 from jaxnorm._pallas_tuning import tuned_settings
 
-try:  # Mosaic GPU (JAX 0.5+); its interpret mode (JAX 0.10+) runs it on a CPU
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+try:  # Mosaic GPU (JAX 0.5+)
     from jax.experimental.pallas import mosaic_gpu as plgpu
-except ImportError:  # pragma: no cover - a JAX without Mosaic GPU or its interpret mode
+except ImportError:  # pragma: no cover - a JAX without Mosaic GPU
     plgpu = None
+
+try:  # its interpret mode (JAX 0.10+), which runs the kernels on a CPU
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+except ImportError:  # pragma: no cover - moved or absent: off a GPU the kernels are not used
     InterpretGPUParams = None
 
 Array = jax.Array
@@ -71,6 +74,9 @@ SHARED_MEMORY = 200 * 1024
 
 PROGRAMS: int | None = None
 """Overrides the programs of every kernel (tests and ``benchmarks/pallas_tune.py``)."""
+
+STAGES: int | None = None
+"""Overrides the pipelined row copies of every kernel."""
 
 @dataclasses.dataclass(frozen=True)
 class MosaicRowConfig:
@@ -104,8 +110,9 @@ class MosaicRowConfig:
 
 
 def available() -> bool:
-    """True where this JAX has Mosaic GPU and its interpret mode."""
-    return plgpu is not None and InterpretGPUParams is not None
+    """True where this JAX can run the kernels here: Mosaic GPU, and off a GPU its
+    interpret mode."""
+    return plgpu is not None and (InterpretGPUParams is not None or not interpret_mode())
 
 
 def takes(features: int, dtype: Any) -> bool:
@@ -138,7 +145,8 @@ def _settings(config: MosaicRowConfig, dtype: Any, stage: str) -> tuple[int, int
                         SHARED_MEMORY // (fixed + 2 * row_bytes)))
     programs = PROGRAMS or tuned.get("programs") or per_sm * streaming_multiprocessors()
     programs = min(config.rows, programs)
-    stages = tuned.get("stages") or max(2, min(4, (SHARED_MEMORY // per_sm - fixed) // row_bytes))
+    planned = max(2, min(4, (SHARED_MEMORY // per_sm - fixed) // row_bytes))
+    stages = STAGES or tuned.get("stages") or planned
     return programs, min(stages, pl.cdiv(config.rows, programs))
 
 

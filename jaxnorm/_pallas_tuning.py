@@ -13,6 +13,12 @@ The same run regenerates :data:`MEASURED_FASTER`: for each measured kernel, dtyp
 width, whether the tuned kernel beat the XLA path on that GPU, forward and
 forward+backward alike. Automatic selection (``implementation=None``) uses a kernel only
 where it did (:func:`measured_faster`).
+
+Kernels run on two Pallas backends. The Mosaic GPU kernels have their own entries
+(``"mosaic_layer_norm"``, ``"mosaic_rms_norm"``, ``"mosaic_group_norm"``,
+``"mosaic_instance_norm"``), and :data:`PREFERRED_BACKEND` records which of the two
+backends the run measured faster for each kernel, dtype and width
+(:func:`preferred_backend`).
 """
 
 from __future__ import annotations
@@ -34,9 +40,39 @@ kernel's device time was below the XLA path's, forward and forward+backward, by 
 ``benchmarks/pallas_tune.py``'s margin."""
 
 
+PREFERRED_BACKEND: list[dict] = []
+"""Entries ``{"kernel", "dtype", "width", "backend"}``: the backend (``"triton"`` or
+``"mosaic_gpu"``) whose tuned kernel took less device time, forward+backward, on every
+case of that kernel, dtype and width."""
+
+
 def _nearest(entries: list[dict], width: int) -> dict:
     r"""The entry whose ``width`` is nearest to ``width`` in :math:`\log_2`."""
     return min(entries, key=lambda e: abs(math.log2(e["width"]) - math.log2(max(width, 1))))
+
+
+def _nearest_within_two(table: list[dict], kernel: str, dtype: str, width: int
+                        ) -> dict | None:
+    r"""The entry of ``table`` for ``kernel`` and ``dtype`` nearest to ``width``, if within
+    a factor of two (in :math:`\log_2`, at most 1 apart); else None."""
+    entries = [e for e in table if (e["kernel"], e["dtype"]) == (kernel, dtype)]
+    if not entries:
+        return None
+    nearest = _nearest(entries, width)
+    close = abs(math.log2(nearest["width"]) - math.log2(max(width, 1))) <= 1
+    return nearest if close else None
+
+
+def preferred_backend(kernel: str, dtype: str, width: int) -> str | None:
+    """The backend measured faster for a call, or None where nothing was measured near it.
+
+    Args:
+      kernel: ``"layer_norm"``, ``"rms_norm"``, ``"group_norm"`` or ``"instance_norm"``.
+      dtype: the input's dtype name.
+      width: the padded row width (features, or channels).
+    """
+    entry = _nearest_within_two(PREFERRED_BACKEND, kernel, dtype, width)
+    return None if entry is None else entry["backend"]
 
 
 def measured_faster(kernel: str, dtype: str, width: int) -> bool:
@@ -48,11 +84,8 @@ def measured_faster(kernel: str, dtype: str, width: int) -> bool:
       dtype: the input's dtype name.
       width: the padded row width (features, or channels).
     """
-    entries = [e for e in MEASURED_FASTER if (e["kernel"], e["dtype"]) == (kernel, dtype)]
-    if not entries:
-        return False
-    nearest = _nearest(entries, width)
-    return abs(math.log2(nearest["width"]) - math.log2(max(width, 1))) <= 1 and nearest["pallas"]
+    entry = _nearest_within_two(MEASURED_FASTER, kernel, dtype, width)
+    return entry is not None and entry["pallas"]
 
 
 def tuned_settings(kernel: str, dtype: str, width: int, stage: str) -> dict[str, int]:

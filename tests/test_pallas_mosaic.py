@@ -7,13 +7,16 @@ interpreter simulates every thread."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxnorm
-from jaxnorm import _pallas_dispatch, _pallas_mosaic_groups, _pallas_mosaic_rows
+from jaxnorm import _pallas_dispatch, _pallas_mosaic_groups, _pallas_mosaic_rows, _pallas_tuning
+from jaxnorm._implementation import KernelCase
 from jaxnorm._pallas_mosaic_groups import MosaicGroupConfig, mosaic_group_norm_rows
 from jaxnorm._pallas_mosaic_rows import MosaicRowConfig, mosaic_row_norm
 from tests import reference
@@ -115,13 +118,25 @@ def test_the_dispatcher_runs_mosaic_where_asked_and_triton_for_other_widths(
     takes = _pallas_mosaic_rows.takes
     assert not takes(1000, jnp.float32) and not takes(16384, jnp.float32)
     assert takes(256, jnp.float32) and takes(8192, jnp.bfloat16)
-    assert _pallas_dispatch.kernel_backend(takes(1000, jnp.float32)) == "triton"
-    assert _pallas_dispatch.kernel_backend(takes(256, jnp.float32)) == "mosaic_gpu"
+    case = KernelCase("row", "float32", True, 256, 6)
+    assert _pallas_dispatch.kernel_backend(case, takes(1000, jnp.float32)) == "triton"
+    assert _pallas_dispatch.kernel_backend(case, takes(256, jnp.float32)) == "mosaic_gpu"
     monkeypatch.setenv("JAXNORM_PALLAS_BACKEND", "cuda")
     with pytest.raises(ValueError, match="JAXNORM_PALLAS_BACKEND.*'cuda'"):
         jaxnorm.rms_norm(x, implementation="pallas")
     monkeypatch.delenv("JAXNORM_PALLAS_BACKEND")
-    assert _pallas_dispatch.kernel_backend(True) == "triton"
+    assert _pallas_dispatch.kernel_backend(case, True) == "triton"
+    # without a choice, the backend measured faster near the case's width
+    monkeypatch.setattr(_pallas_tuning, "PREFERRED_BACKEND", [
+        {"kernel": "layer_norm", "dtype": "float32", "width": 512, "backend": "mosaic_gpu"}])
+    assert _pallas_dispatch.kernel_backend(case, True) == "mosaic_gpu"
+    assert _pallas_dispatch.kernel_backend(case, False) == "triton"
+    far = dataclasses.replace(case, features=4096)
+    assert _pallas_dispatch.kernel_backend(far, True) == "triton"
+    rms = dataclasses.replace(case, centered=False)
+    assert _pallas_dispatch.kernel_backend(rms, True) == "triton"
+    monkeypatch.setattr(_pallas_dispatch, "BACKEND", "triton")
+    assert _pallas_dispatch.kernel_backend(case, True) == "triton"
 
 
 def test_rms_norm_module_under_vmap_and_jit(monkeypatch, three_programs) -> None:
@@ -185,7 +200,8 @@ def test_group_values_and_gradients_match_float64(monkeypatch, small_tiles, batc
     bias = jax.random.normal(keys[2], (channels,))
     dy = jax.random.normal(keys[3], x.shape)
     config = MosaicGroupConfig(EPS, jnp.float32, batch, spatial, channels, groups, True)
-    assert config.tiles > 1 and config.steps > 1
+    staged = _pallas_mosaic_groups.stage_config(config, dtype, "forward")
+    assert staged.tiles > 1 and staged.steps > 1
     y, pullback = jax.vjp(lambda *a: mosaic_group_norm_rows(*a, config), x, scale, bias)
     ours = (y, *pullback(dy))
     for value, exact in zip(ours, _group_reference(x, scale, bias, dy, batch, groups)):

@@ -133,24 +133,60 @@ def test_tuning_table_entries_and_round_trip(tmp_path: pathlib.Path) -> None:
         # no variant gains 3 %: the defaults, slower than XLA
         _case("rms_norm", 768, (50.0, 150.0), [(60, 200), (59, 199), (61, 201)]),
     ]
-    tuned, faster = tune.table_entries(cases)
+    tuned, faster, preferred = tune.table_entries(cases)
     assert tuned == [_entry("layer_norm", "float32", 4096, "forward", tile=8192),
                      _entry("layer_norm", "float32", 4096, "backward", tile=16384)]
     assert faster == [
         {"kernel": "layer_norm", "dtype": "float32", "width": 4096, "pallas": True},
         {"kernel": "rms_norm", "dtype": "float32", "width": 1024, "pallas": False}]
+    assert preferred == [
+        {"kernel": "layer_norm", "dtype": "float32", "width": 4096, "backend": "triton"},
+        {"kernel": "rms_norm", "dtype": "float32", "width": 1024, "backend": "triton"}]
     path = tmp_path / "table.py"
     shutil.copy(pathlib.Path(_pallas_tuning.__file__), path)
     tune.write_table(path, cases, "a test run")
     table = _load("table", path)
     assert table.MEASURED_ON == "a test run"
     assert table.TUNED == tuned and table.MEASURED_FASTER == faster
+    assert table.PREFERRED_BACKEND == preferred
+    assert table.preferred_backend("layer_norm", "float32", 4096) == "triton"
+    assert table.preferred_backend("layer_norm", "float32", 256) is None
     assert table.tuned_settings("layer_norm", "float32", 4096, "backward") == {"tile": 16384}
     assert table.measured_faster("layer_norm", "float32", 4096)
     assert not table.measured_faster("rms_norm", "float32", 768)
     tune.write_table(path, [], "empty")  # and back to no entries
     table = _load("table", path)
     assert table.TUNED == [] and table.MEASURED_FASTER == [] and table.MEASURED_ON == "empty"
+    assert table.PREFERRED_BACKEND == []
+
+
+def test_tuning_table_chooses_the_faster_backend() -> None:
+    tune = _load("pallas_tune", BENCHMARKS / "pallas_tune.py")
+    # Triton variants (tiles), then Mosaic GPU variants (defaults, 264 programs)
+    case = _case("layer_norm", 4096, (100.0, 300.0), [(90, 290), (80, 280)])
+    case["variants"] += [
+        {"backend": "mosaic_gpu", "fwd_us": 70.0, "fwdbwd_us": 230.0, "ok": True},
+        {"backend": "mosaic_gpu", "programs": 264, "fwd_us": 60.0, "fwdbwd_us": 250.0,
+         "ok": True}]
+    # a group case the Mosaic kernels did not take: Triton alone
+    group = _case("group_norm", 320, (50.0, 150.0), [(60, 200), (40, 140)])
+    group["variants"].append({"backend": "mosaic_gpu", "ok": False, "error": "not taken",
+                              "fwd_us": float("inf"), "fwdbwd_us": float("inf")})
+    tuned, faster, preferred = tune.table_entries([case, group])
+    assert tuned == [
+        _entry("group_norm", "float32", 512, "forward", tile=8192),
+        _entry("group_norm", "float32", 512, "backward", tile=8192),
+        _entry("layer_norm", "float32", 4096, "forward", tile=8192),
+        _entry("mosaic_layer_norm", "float32", 4096, "forward", programs=264)]
+    assert faster == [
+        {"kernel": "group_norm", "dtype": "float32", "width": 512, "pallas": True},
+        {"kernel": "layer_norm", "dtype": "float32", "width": 4096, "pallas": True},
+        {"kernel": "mosaic_layer_norm", "dtype": "float32", "width": 4096, "pallas": True}]
+    # per stage best, Triton: forward 80 (tile 8192) + backward 200 = 280 of XLA's 300;
+    # Mosaic GPU: forward 60 (264 programs) + backward 160 (defaults) = 220: preferred
+    assert preferred == [
+        {"kernel": "group_norm", "dtype": "float32", "width": 512, "backend": "triton"},
+        {"kernel": "layer_norm", "dtype": "float32", "width": 4096, "backend": "mosaic_gpu"}]
 
 
 @pytest.mark.slow
@@ -161,4 +197,38 @@ def test_tune_script_cpu_path(tmp_path: pathlib.Path) -> None:
     assert tune.main([str(out), "--tiny", "--only", "rms_norm", "--calls", "1"]) == 0
     cases = json.loads(out.read_text())["cases"]
     assert len(cases) == 2 and all("variants" in case for case in cases)
-    assert all(v["ok"] for case in cases for v in case["variants"])
+    triton = [v for case in cases for v in case["variants"] if "backend" not in v]
+    mosaic = [v for case in cases for v in case["variants"] if "backend" in v]
+    assert triton and all(v["ok"] for v in triton)
+    # 130 features: not a row the Mosaic GPU kernels take; their variants are not run
+    assert len(mosaic) == 2 * len(tune.MOSAIC_ROW_VARIANTS)
+    assert all(not v["ok"] and "do not take" in v["error"] for v in mosaic)
+
+
+def test_mosaic_settings_come_from_the_table_and_the_tuning_overrides(monkeypatch) -> None:
+    from jaxnorm import _pallas_dispatch, _pallas_mosaic_groups, _pallas_mosaic_rows
+
+    monkeypatch.setattr(_pallas_tuning, "TUNED", [
+        _entry("mosaic_layer_norm", "bfloat16", 4096, "backward", programs=5, stages=3),
+        _entry("mosaic_group_norm", "float32", 512, "forward", tile=2048, programs=7),
+    ])
+    rows = _pallas_mosaic_rows.MosaicRowConfig(1e-5, True, jnp.float32, 1000, 4096, False)
+    assert _pallas_mosaic_rows._settings(rows, jnp.bfloat16, "backward") == (5, 3)
+    assert _pallas_mosaic_rows._settings(rows, jnp.float32, "backward") != (5, 3)
+    groups = _pallas_mosaic_groups.MosaicGroupConfig(1e-5, jnp.float32, 2, 64, 320, 32, False)
+    staged = _pallas_mosaic_groups.stage_config(groups, jnp.float32, "forward")
+    assert (staged.tile_elements, staged.target_programs, staged.rows) == (2048, 7, 4)
+    assert _pallas_mosaic_groups.stage_config(groups, jnp.float32, "backward").rows == 8
+    # the tuning script's variants set (and restore) the Mosaic constants and the backend
+    tune = _load("pallas_tune", BENCHMARKS / "pallas_tune.py")
+    with tune.settings("rms_norm", {"backend": "mosaic_gpu", "programs": 9, "stages": 2}):
+        assert _pallas_dispatch.BACKEND == "mosaic_gpu"
+        assert (_pallas_mosaic_rows.PROGRAMS, _pallas_mosaic_rows.STAGES) == (9, 2)
+        assert _pallas_tuning.TUNED == [] and _pallas_tuning.PREFERRED_BACKEND == []
+        assert _pallas_mosaic_rows._settings(rows, jnp.float32, "forward") == (9, 2)
+    with tune.settings("group_norm", {"backend": "mosaic_gpu", "tile": 8192}):
+        assert _pallas_mosaic_groups.TILE_ELEMENTS == 8192
+    with tune.settings("group_norm", {"tile": 8192}):
+        assert _pallas_dispatch.BACKEND == "triton"
+    assert _pallas_dispatch.BACKEND is None and _pallas_mosaic_rows.PROGRAMS is None
+    assert _pallas_mosaic_groups.TILE_ELEMENTS is None and len(_pallas_tuning.TUNED) == 2
