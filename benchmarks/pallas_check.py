@@ -26,6 +26,7 @@ skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import math
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -44,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxnorm
-from jaxnorm import _pallas_mosaic_rows
+from jaxnorm import _pallas_dispatch, _pallas_mosaic_rows
 
 ROWS = [(8192, 2048), (8192, 4096), (8192, 5120), (8192, 8192), (50176, 768)]
 SWEEP = ([(kind, shape, 1) for shape in ROWS for kind in ("layer_norm", "rms_norm")]
@@ -183,7 +184,10 @@ def _check_case(kind: str, shape: tuple[int, ...], groups: int, dtype_name: str,
     outputs, functions = {}, {}
     for implementation in ("xla", "pallas"):
         forward, forward_backward = _functions(kind, groups, implementation)
-        outputs[implementation] = jax.block_until_ready(forward_backward(*args))
+        with _backends_run() as backends:
+            outputs[implementation] = jax.block_until_ready(forward_backward(*args))
+        if implementation == "pallas":
+            record["backend"] = ",".join(sorted(set(backends))) or "none"
         functions[f"check_{implementation}_fwd"] = (forward, args[:3])
         functions[f"check_{implementation}_fwdbwd"] = (forward_backward, args)
     seconds, record["timing"] = _times(functions, calls, repeats)
@@ -195,6 +199,24 @@ def _check_case(kind: str, shape: tuple[int, ...], groups: int, dtype_name: str,
     record["errors"] = errors
     record["ok"] = all(e <= TOLERANCE[dtype_name] for e in errors.values())
     return record
+
+
+@contextlib.contextmanager
+def _backends_run() -> Iterator[list[str]]:
+    """The Pallas backends (``"triton"``, ``"mosaic_gpu"``) of the kernels the dispatcher
+    plans while the block traces, in order."""
+    backends: list[str] = []
+    run_plan = _pallas_dispatch.run_plan
+
+    def spy(plan: Any, *args: Any) -> Any:
+        backends.append(plan.case.backend)
+        return run_plan(plan, *args)
+
+    _pallas_dispatch.run_plan = spy
+    try:
+        yield backends
+    finally:
+        _pallas_dispatch.run_plan = run_plan
 
 
 def _record(kind: str, shape: tuple[int, ...], groups: int, dtype_name: str
@@ -243,7 +265,9 @@ def _row(record: dict[str, Any]) -> str:
     worst = max(record["errors"].values())
     verdict = "ok" if record["ok"] else "BAD"
     timing = record.get("timing", "")
-    return f"{head} {' '.join(cells)}  {' '.join(floors)}  {worst:8.1e} {verdict} {timing}"
+    backend = record.get("backend", "")
+    return (f"{head} {' '.join(cells)}  {' '.join(floors)}  {worst:8.1e} {verdict} {timing} "
+            f"{backend}")
 
 
 def _run_case(kind: str, shape: tuple[int, ...], groups: int, dtype_name: str, calls: int,
