@@ -79,7 +79,7 @@ MOSAIC_ROW_VARIANTS = [
 """Mosaic GPU row-kernel variants: the planned settings (first), programs, stages."""
 
 MOSAIC_GROUP_VARIANTS = [
-    {"backend": MOSAIC}, {"backend": MOSAIC, "tile": 2048}, {"backend": MOSAIC, "tile": 8192},
+    {"backend": MOSAIC}, {"backend": MOSAIC, "tile": 1024}, {"backend": MOSAIC, "tile": 4096},
     {"backend": MOSAIC, "programs": 16}, {"backend": MOSAIC, "stages": 4},
 ]
 """Mosaic GPU group-kernel variants: the defaults (first), tile, programs an example,

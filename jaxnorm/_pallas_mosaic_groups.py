@@ -57,9 +57,15 @@ from jaxnorm._pallas_tuning import tuned_settings
 
 Array = jax.Array
 
-DEFAULT_TILE_ELEMENTS = 4096
-"""The most values of ``x`` a tile holds (whole spatial rows), where neither
-:data:`TILE_ELEMENTS` nor a measured setting (``tile``) says."""
+DEFAULT_TILE_ELEMENTS = {"forward": 2048, "backward": 1024}
+"""The values of ``x`` a tile holds (whole spatial rows; at least one valid tile), where
+neither :data:`TILE_ELEMENTS` nor a measured setting (``tile``) says. Planned for shared
+memory: a program holds its float32 vector tiles (normalize 4; backward sums 3 and 2
+accumulators, ``dx`` 5) and :data:`DEFAULT_STAGES` copies of its input tiles, about 57 KiB
+forward and 44 KiB backward, so that 3 to 5 programs fit an SM's 227 KiB."""
+
+MAX_TILE_ELEMENTS = 4096
+"""The largest tile: the backward's ``dx`` kernel then takes 44 bytes a value, 176 KiB."""
 
 DEFAULT_STAGES = 3
 """Tile copies in flight in each program's pipeline, where neither :data:`STAGES` nor a
@@ -107,7 +113,7 @@ class MosaicGroupConfig:
     channels: int
     groups: int
     interpret: bool
-    tile_elements: int = DEFAULT_TILE_ELEMENTS
+    tile_elements: int = DEFAULT_TILE_ELEMENTS["forward"]
     target_programs: int | None = None
     stages: int = DEFAULT_STAGES
 
@@ -156,38 +162,35 @@ def _lanes(channels: int) -> int:
 
 
 def _tile_rows(spatial: int, channels: int, tile_elements: int) -> int:
-    """The most spatial rows (a power of two dividing ``spatial``) of a tile of at most
-    ``tile_elements`` values and :data:`MAX_TILE_ROWS` view rows whose size is a multiple
-    of 128; 0 if there is none."""
-    best, rows = 0, 1
-    while spatial % rows == 0 and rows * channels <= tile_elements:
-        fits = rows * channels // _lanes(channels) <= MAX_TILE_ROWS
-        if fits and rows * channels % LANES == 0:
-            best = rows
+    """Spatial rows of a tile: a power of two dividing ``spatial`` whose tile is a multiple
+    of 128 values, at most :data:`MAX_TILE_ELEMENTS` and at most :data:`MAX_TILE_ROWS`
+    rows of :math:`L` in its view; the most whose tile holds at most ``tile_elements``,
+    else the fewest; 0 if there is none."""
+    valid, rows = [], 1
+    while spatial % rows == 0 and rows * channels <= MAX_TILE_ELEMENTS:
+        if rows * channels % LANES == 0 and rows * channels // _lanes(channels) <= MAX_TILE_ROWS:
+            valid.append(rows)
         rows *= 2
-    return best
+    within = [r for r in valid if r * channels <= tile_elements]
+    return max(within) if within else min(valid, default=0)
 
 
 def takes(spatial: int, channels: int, dtype: Any) -> bool:
     """Whether the Mosaic GPU kernels take ``(B, spatial, channels)`` inputs of ``dtype``:
     a TMA row of at least 16 bytes and a tile (:func:`_tile_rows`)."""
     itemsize = jnp.dtype(dtype).itemsize
-    tile_elements = TILE_ELEMENTS or DEFAULT_TILE_ELEMENTS
     return (available() and itemsize in (2, 4) and _lanes(channels) * itemsize >= 16
-            and _tile_rows(spatial, channels, tile_elements) > 0)
+            and _tile_rows(spatial, channels, MAX_TILE_ELEMENTS) > 0)
 
 
 def stage_config(config: MosaicGroupConfig, dtype: Any, stage: str) -> MosaicGroupConfig:
     """``config`` with the settings of ``stage`` (``"forward"`` or ``"backward"``) for
     inputs of ``dtype``: the overrides, else the measured ones
-    (:mod:`jaxnorm._pallas_tuning`), else the defaults; a measured tile that does not
-    divide the input keeps the default."""
+    (:mod:`jaxnorm._pallas_tuning`), else the defaults."""
     kernel = "mosaic_instance_norm" if config.groups == config.channels else "mosaic_group_norm"
     width = 1 << max(0, (config.channels - 1).bit_length())
     tuned = tuned_settings(kernel, jnp.dtype(dtype).name, width, stage)
-    tile = TILE_ELEMENTS or tuned.get("tile") or DEFAULT_TILE_ELEMENTS
-    if _tile_rows(config.spatial, config.channels, tile) == 0:
-        tile = TILE_ELEMENTS or DEFAULT_TILE_ELEMENTS
+    tile = TILE_ELEMENTS or tuned.get("tile") or DEFAULT_TILE_ELEMENTS[stage]
     return dataclasses.replace(
         config, tile_elements=tile, target_programs=PROGRAMS or tuned.get("programs"),
         stages=STAGES or tuned.get("stages") or DEFAULT_STAGES)

@@ -258,3 +258,26 @@ def test_no_races_between_copies_and_compute(monkeypatch, three_programs, small_
                           jnp.zeros(64))
     jax.block_until_ready(pullback(y))
     assert not gpu_callbacks.get_races().races_found
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_planned_group_tiles_fit_an_sm(dtype) -> None:
+    # Hopper: 227 KiB of shared memory a block. The heaviest kernel of each stage must fit:
+    # normalize (4 vector tiles) forward; dx (5 vector tiles, x and dy streamed) backward.
+    itemsize = jnp.dtype(dtype).itemsize
+    for channels in (8, 16, 32, 64, 96, 128, 320, 640, 1280, 1920, 2560, 4096):
+        for spatial in (1, 7, 49, 64, 3136, 4096, 65536):
+            if not _pallas_mosaic_groups.takes(spatial, channels, dtype):
+                continue
+            config = MosaicGroupConfig(EPS, dtype, 8, spatial, channels, 32, interpret=False)
+            for stage, vectors, streamed in (("forward", 4, itemsize),
+                                              ("backward", 5, itemsize + 4)):
+                staged = _pallas_mosaic_groups.stage_config(config, dtype, stage)
+                tile = staged.rows * channels
+                assert tile % 128 == 0 and staged.tile_shape[0] <= 256, (channels, spatial)
+                smem = 4 * vectors * tile + staged.stages * streamed * tile
+                assert smem <= 227 * 1024, (channels, spatial, stage, smem)
+    # the sweep's shapes are all taken
+    for spatial, channels in ((4096, 320), (1024, 640), (256, 1280), (64, 1280),
+                              (65536, 32), (16384, 64), (4096, 128)):
+        assert _pallas_mosaic_groups.takes(spatial, channels, dtype)
