@@ -110,9 +110,24 @@ class MosaicRowConfig:
 
 
 def available() -> bool:
-    """True where this JAX can run the kernels here: Mosaic GPU, and off a GPU its
-    interpret mode."""
-    return plgpu is not None and (InterpretGPUParams is not None or not interpret_mode())
+    """True where this JAX can run the kernels here: Mosaic GPU, and on a GPU one of
+    compute capability 9.0 or later (Hopper: TMA, warpgroups), off a GPU its interpret
+    mode."""
+    if plgpu is None:
+        return False
+    if interpret_mode():
+        return InterpretGPUParams is not None
+    return _compute_capability() >= (9, 0)
+
+
+def _compute_capability() -> tuple[int, int]:
+    """``(major, minor)`` of the default GPU; ``(0, 0)`` where it does not say."""
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        major, minor = str(capability).split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return 0, 0
 
 
 def takes(features: int, dtype: Any) -> bool:

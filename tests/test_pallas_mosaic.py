@@ -281,3 +281,18 @@ def test_planned_group_tiles_fit_an_sm(dtype) -> None:
     for spatial, channels in ((4096, 320), (1024, 640), (256, 1280), (64, 1280),
                               (65536, 32), (16384, 64), (4096, 128)):
         assert _pallas_mosaic_groups.takes(spatial, channels, dtype)
+
+
+def test_mosaic_kernels_need_hopper_on_a_gpu(monkeypatch) -> None:
+    # on a GPU (no interpret mode) the kernels are offered only from compute capability 9.0
+    class Device:
+        def __init__(self, capability):
+            self.compute_capability = capability
+
+    monkeypatch.setattr(_pallas_mosaic_rows, "interpret_mode", lambda: False)
+    for capability, expected in (("8.0", False), ("8.9", False), ("9.0", True),
+                                 ("10.0", True), (None, False)):
+        monkeypatch.setattr(jax, "devices", lambda c=capability: [Device(c)])
+        assert _pallas_mosaic_rows.available() is expected, capability
+        assert _pallas_mosaic_rows.takes(256, jnp.float32) is expected
+        assert _pallas_mosaic_groups.takes(64, 64, jnp.float32) is expected
