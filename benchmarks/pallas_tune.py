@@ -249,7 +249,7 @@ def case_keys(cases: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
     """The measured cases by ``(kernel, dtype, padded width)``."""
     keyed: dict[tuple, list[dict[str, Any]]] = {}
     for case in cases:
-        if "variants" in case and case["variants"][0].get("ok"):
+        if "variants" in case and any(v.get("ok") for v in case["variants"]):
             width = 1 << max(0, (case["shape"][-1] - 1).bit_length())
             keyed.setdefault((case["kind"], case["dtype"], width), []).append(case)
     return keyed
@@ -262,8 +262,9 @@ def best_variant(members: list[dict[str, Any]], stage: str, indices: list[int]) 
     default = indices[0]
 
     def cost(index: int) -> float:
+        # a backward time (forward+backward less forward) may round to 0 on tiny cases
         return sum(stage_time(m["variants"][index], stage)
-                   / stage_time(m["variants"][default], stage)
+                   / max(stage_time(m["variants"][default], stage), 1e-3)
                    if m["variants"][index].get("ok") else float("inf") for m in members)
 
     best = min(indices, key=cost)
@@ -285,7 +286,9 @@ def table_entries(cases: list[dict[str, Any]]) -> tuple[list[dict], list[dict], 
     the best setting per stage (when not that backend's defaults); whether that tuned
     kernel beat XLA by :data:`MIN_GAIN` in both passes on every member case; and the
     backend whose tuned kernel took less forward+backward time relative to XLA, summed
-    over the members."""
+    over the members, among those that beat XLA where any did. A backend counts for a key
+    only where its defaults passed on every member case (Mosaic GPU: where its kernels
+    took every shape of the key)."""
     tuned, faster, preferred = [], [], []
     for (kernel, dtype, width), members in sorted(case_keys(cases).items()):
         totals = {}
@@ -307,9 +310,11 @@ def table_entries(cases: list[dict[str, Any]]) -> tuple[list[dict], list[dict], 
                             and fwd + bwd <= (1 - MIN_GAIN) * m["xla_fwdbwd_us"])
                 totals[backend] += (fwd + bwd) / m["xla_fwdbwd_us"]
             faster.append({"kernel": name, "dtype": dtype, "width": width, "pallas": all(wins)})
-        if totals:
+        if totals:  # among the backends that beat XLA, if any: automatic selection uses it
+            winners = {b for b, f in zip(totals, faster[-len(totals):]) if f["pallas"]}
+            choices = {b: t for b, t in totals.items() if b in winners} or totals
             preferred.append({"kernel": kernel, "dtype": dtype, "width": width,
-                              "backend": min(totals, key=totals.get)})
+                              "backend": min(choices, key=choices.get)})
     return tuned, faster, preferred
 
 

@@ -1,6 +1,11 @@
-r"""What every Pallas kernel of jaxnorm shares: the backend, tile sizes, masked tiles.
+r"""What the Pallas kernels of jaxnorm share: the Triton kernels' backend, tile sizes and
+masked tiles; for every kernel, interpret mode off a GPU and the ``custom_vjp`` of a row
+kernel whose backward writes partial sums (:func:`with_partial_sums_backward`). The Mosaic
+GPU kernels (:mod:`jaxnorm._pallas_mosaic_rows`, :mod:`jaxnorm._pallas_mosaic_groups`)
+keep their own arrangement.
 
-**Backend.** The kernels are written for the Pallas *Triton* backend
+**Backend.** The kernels of :mod:`jaxnorm._pallas_layer_norm` and
+:mod:`jaxnorm._pallas_group_norm` are written for the Pallas *Triton* backend
 (``jax.experimental.pallas.triton``: ``load``/``store`` with masks, ``CompilerParams``),
 which compiles for any CUDA GPU JAX supports and, unlike Mosaic GPU, takes tiles of any
 row length through masked loads. JAX calls that backend deprecated in favour of Mosaic GPU

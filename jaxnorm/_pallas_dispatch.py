@@ -102,11 +102,23 @@ def _trailing_rows(x: Array, reduction: tuple[int, ...], parameters: tuple[Array
     return x.size // max(features, 1), features
 
 
+def requested_backend() -> str | None:
+    """:data:`BACKEND`, else ``$JAXNORM_PALLAS_BACKEND``, else None; ``ValueError`` for a
+    name not in :data:`BACKENDS`."""
+    requested = BACKEND or os.environ.get("JAXNORM_PALLAS_BACKEND") or None
+    if requested is not None and requested not in BACKENDS:
+        raise ValueError(
+            f"JAXNORM_PALLAS_BACKEND (or _pallas_dispatch.BACKEND) must be one of "
+            f"{BACKENDS}, got {requested!r}"
+        )
+    return requested
+
+
 def kernel_backend(case: KernelCase, mosaic_takes: bool) -> str:
     """The Pallas backend of a kernel call: ``"triton"`` or ``"mosaic_gpu"``.
 
-    :data:`BACKEND` (else ``$JAXNORM_PALLAS_BACKEND``) names it. Otherwise the backend
-    measured faster for the case's kernel, dtype and width
+    :data:`BACKEND` (else ``$JAXNORM_PALLAS_BACKEND``) names it. Otherwise, on a GPU, the
+    backend measured faster for the case's kernel, dtype and width
     (:func:`jaxnorm._pallas_tuning.preferred_backend`), else ``"triton"``, or
     ``"mosaic_gpu"`` where this JAX has no Triton backend. ``"mosaic_gpu"`` applies only
     where its kernels take the shape (``mosaic_takes``); other shapes take Triton.
@@ -116,14 +128,11 @@ def kernel_backend(case: KernelCase, mosaic_takes: bool) -> str:
       mosaic_takes: whether the Mosaic GPU kernel takes this call's shape and dtype
         (:func:`jaxnorm._pallas_mosaic_rows.takes`, :func:`jaxnorm._pallas_mosaic_groups.takes`).
     """
-    requested = BACKEND or os.environ.get("JAXNORM_PALLAS_BACKEND") or None
-    if requested is not None and requested not in BACKENDS:
-        raise ValueError(
-            f"JAXNORM_PALLAS_BACKEND (or _pallas_dispatch.BACKEND) must be one of "
-            f"{BACKENDS}, got {requested!r}"
-        )
-    kernel, width = table_key(case)
-    measured = preferred_backend(kernel, case.dtype, width) if requested is None else None
+    requested = requested_backend()
+    measured = None
+    if requested is None and not interpret_mode():
+        kernel, width = table_key(case)
+        measured = preferred_backend(kernel, case.dtype, width)
     wanted = requested or measured or ("triton" if pl_triton is not None else "mosaic_gpu")
     return "mosaic_gpu" if wanted == "mosaic_gpu" and mosaic_takes else "triton"
 
@@ -132,7 +141,7 @@ def _row_plan(x: Array, scale: Array | None, bias: Array | None, spec: NormSpec)
     """The row kernel's plan for LayerNorm/RMSNorm over the trailing axes."""
     rows, features = _trailing_rows(x, spec.reduction, (scale, bias))
     case = KernelCase("row", x.dtype.name, spec.centered, features, rows)
-    backend = kernel_backend(case, mosaic_rows.takes(features, x.dtype))
+    backend = kernel_backend(case, mosaic_rows.takes(features, x.dtype, spec.dtype))
     case = dataclasses.replace(case, backend=backend)
     if backend == "triton":
         check_backend_available()
@@ -164,7 +173,7 @@ def _group_plan(x: Array, scale: Array | None, bias: Array | None, spec: NormSpe
     batch, spatial = x.shape[0], math.prod(x.shape[1:group_axis])
     channels, groups = math.prod(x.shape[group_axis:]), x.shape[group_axis]
     case = KernelCase("group", x.dtype.name, True, channels, batch * spatial, groups, spatial)
-    backend = kernel_backend(case, mosaic_groups.takes(spatial, channels, x.dtype))
+    backend = kernel_backend(case, mosaic_groups.takes(spatial, channels, x.dtype, spec.dtype))
     case = dataclasses.replace(case, backend=backend)
     if backend == "triton":
         check_backend_available()
@@ -279,6 +288,7 @@ def pallas_normalize(
     if spec.layer is None or spec.implementation == "xla":
         return None
     arguments = dict(mask=mask, axis_name=axis_name, eps=eps, statistics=statistics)
+    requested_backend()  # a bad backend name raises, automatic selection included
     if spec.implementation == "pallas":
         plan = kernel_plan(x, scale, bias, spec, **arguments)
     else:

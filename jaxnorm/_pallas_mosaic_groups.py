@@ -27,9 +27,9 @@ warpgroup each) of an example take its tiles :math:`k, k + P, \dots`, copies pip
 
 The kernels take inputs whose :math:`S` has a power-of-two divisor giving tiles of a
 multiple of 128 values (:func:`takes`); other shapes go to the Triton kernels. Off a GPU
-they run in Mosaic GPU interpret mode. Their device time is unmeasured (no GPU was
-available when they were written); ``benchmarks/mosaic_lowering.py`` compiles them for an
-H200 without one.
+they run in Mosaic GPU interpret mode (each warpgroup simulated as one thread). Their
+device time is unmeasured (no GPU was available when they were written);
+``benchmarks/mosaic_lowering.py`` compiles them for an H200 without one.
 """
 
 from __future__ import annotations
@@ -47,10 +47,12 @@ from jax.experimental import pallas as pl
 
 from jaxnorm._pallas_group_norm import merge_moments, per_channel, set_means
 from jaxnorm._pallas_mosaic_rows import (
+    BLOCK_SHARED_MEMORY,
     LANES,
     InterpretGPUParams,
     available,
     plgpu,
+    release_slots,
     streaming_multiprocessors,
 )
 from jaxnorm._pallas_tuning import tuned_settings
@@ -175,25 +177,40 @@ def _tile_rows(spatial: int, channels: int, tile_elements: int) -> int:
     return max(within) if within else min(valid, default=0)
 
 
-def takes(spatial: int, channels: int, dtype: Any) -> bool:
-    """Whether the Mosaic GPU kernels take ``(B, spatial, channels)`` inputs of ``dtype``:
-    a TMA row of at least 16 bytes and a tile (:func:`_tile_rows`)."""
-    itemsize = jnp.dtype(dtype).itemsize
-    return (available() and itemsize in (2, 4) and _lanes(channels) * itemsize >= 16
+def takes(spatial: int, channels: int, dtype: Any, out_dtype: Any = None) -> bool:
+    """Whether the Mosaic GPU kernels take ``(B, spatial, channels)`` inputs of ``dtype``
+    whose normalization (and gradient, streamed in the backward) is ``out_dtype`` (None:
+    ``dtype``): 2- or 4-byte values, TMA rows of at least 16 bytes of both, and a tile
+    (:func:`_tile_rows`)."""
+    itemsizes = [jnp.dtype(d).itemsize for d in (dtype, out_dtype or dtype)]
+    return (available() and all(size in (2, 4) for size in itemsizes)
+            and _lanes(channels) * min(itemsizes) >= 16
             and _tile_rows(spatial, channels, MAX_TILE_ELEMENTS) > 0)
 
 
 def stage_config(config: MosaicGroupConfig, dtype: Any, stage: str) -> MosaicGroupConfig:
     """``config`` with the settings of ``stage`` (``"forward"`` or ``"backward"``) for
     inputs of ``dtype``: the overrides, else the measured ones
-    (:mod:`jaxnorm._pallas_tuning`), else the defaults."""
+    (:mod:`jaxnorm._pallas_tuning`), else the defaults; the stages capped to what fits
+    (:func:`_fitting_stages`)."""
     kernel = "mosaic_instance_norm" if config.groups == config.channels else "mosaic_group_norm"
     width = 1 << max(0, (config.channels - 1).bit_length())
     tuned = tuned_settings(kernel, jnp.dtype(dtype).name, width, stage)
     tile = TILE_ELEMENTS or tuned.get("tile") or DEFAULT_TILE_ELEMENTS[stage]
-    return dataclasses.replace(
-        config, tile_elements=tile, target_programs=PROGRAMS or tuned.get("programs"),
-        stages=STAGES or tuned.get("stages") or DEFAULT_STAGES)
+    staged = dataclasses.replace(config, tile_elements=tile,
+                                 target_programs=PROGRAMS or tuned.get("programs"))
+    stages = STAGES or tuned.get("stages") or DEFAULT_STAGES
+    return dataclasses.replace(staged, stages=min(stages, _fitting_stages(staged, dtype, stage)))
+
+
+def _fitting_stages(config: MosaicGroupConfig, dtype: Any, stage: str) -> int:
+    """The most pipelined tile copies the heaviest kernel of ``stage`` fits in a block's
+    shared memory (:data:`BLOCK_SHARED_MEMORY`): forward, normalize's 4 float32 vector
+    tiles and ``x``; backward, ``dx``'s 5 and ``x`` and a float32 ``dy``."""
+    tile = config.rows * config.channels
+    vectors, streamed = (4, jnp.dtype(dtype).itemsize) if stage == "forward" else (
+        5, jnp.dtype(dtype).itemsize + 4)
+    return max(1, (BLOCK_SHARED_MEMORY - 4 * vectors * tile) // (streamed * tile))
 
 
 def _in_layout(value: Array, config: MosaicGroupConfig) -> Array:
@@ -266,6 +283,8 @@ def _elementwise_kernel(config: MosaicGroupConfig, step: Step, streamed: Sequenc
                     for accumulator, value in zip(accumulator_smem, updated):
                         accumulator[...] = value
 
+                release_slots()
+
             spec = pl.BlockSpec((None, None, *tile_shape),
                                 lambda j: (example, jnp.minimum(share + j * programs, tiles - 1),
                                            0, 0))
@@ -296,13 +315,15 @@ def _elementwise_kernel(config: MosaicGroupConfig, step: Step, streamed: Sequenc
 def _stage_vectors(vector_refs: Sequence[Any], vector_smem: Sequence[Any], example: Array,
                    config: MosaicGroupConfig) -> None:
     """Copies each vector tile (the example's, for a per-example one) into shared memory,
-    in the shared layout (each thread later reads what it wrote)."""
+    in the shared layout (each thread later reads what it wrote); every thread is done
+    with the staging copy before its memory is reused."""
     if not vector_refs:
         return
 
     def copy(_: Any, *staged: Any) -> None:
         for ref, shared in zip(staged, vector_smem):
             shared[...] = _in_layout(ref[...], config)
+        release_slots()
 
     def spec(ref: Any) -> Any:
         if len(ref.shape) == 2:

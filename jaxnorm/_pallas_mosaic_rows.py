@@ -26,8 +26,9 @@ shared memory once per program; the backward's partial sums accumulate there.
 
 The kernels take rows of :math:`128 k` features up to :data:`MAX_FEATURES`; other rows
 go to the Triton kernels (:mod:`jaxnorm._pallas_dispatch` chooses). Off a GPU they run in
-Mosaic GPU interpret mode (simulated threads, shared memory and barriers), which is how
-the test suite checks them. Their device time is unmeasured: no GPU was available when
+Mosaic GPU interpret mode (each warpgroup simulated as one thread, with its shared memory,
+copies and barriers), which is how the test suite checks their values; the register
+layouts and the barriers between a warpgroup's warps exist only in the compiled kernel. Their device time is unmeasured: no GPU was available when
 they were written; ``benchmarks/mosaic_lowering.py`` compiles them for an H200 without
 one.
 """
@@ -71,6 +72,9 @@ REGISTER_FILE = 65536
 
 SHARED_MEMORY = 200 * 1024
 """Shared memory of an SM the kernels plan with (Hopper has 228 KiB)."""
+
+BLOCK_SHARED_MEMORY = 227 * 1024
+"""The most shared memory one block may take on Hopper."""
 
 PROGRAMS: int | None = None
 """Overrides the programs of every kernel (tests and ``benchmarks/pallas_tune.py``)."""
@@ -130,10 +134,12 @@ def _compute_capability() -> tuple[int, int]:
         return 0, 0
 
 
-def takes(features: int, dtype: Any) -> bool:
-    """Whether the Mosaic GPU kernels take rows of ``features`` values of ``dtype``."""
+def takes(features: int, dtype: Any, out_dtype: Any = None) -> bool:
+    """Whether the Mosaic GPU kernels take rows of ``features`` values of ``dtype``, whose
+    normalization (and gradient, in the backward) is ``out_dtype`` (None: ``dtype``)."""
+    dtypes = (dtype, dtype if out_dtype is None else out_dtype)
     return (available() and features % LANES == 0 and LANES <= features <= MAX_FEATURES
-            and jnp.dtype(dtype).itemsize in (2, 4))
+            and all(jnp.dtype(d).itemsize in (2, 4) for d in dtypes))
 
 
 def streaming_multiprocessors() -> int:
@@ -149,9 +155,11 @@ def _settings(config: MosaicRowConfig, dtype: Any, stage: str) -> tuple[int, int
     registers allow (a thread holds :math:`N/128` float32 values of each live row array,
     about 3 forward and 5 backward; ``ptxas`` reports 40 to 255 registers for :math:`N` =
     768 to 8192) and their shared memory (the parameters, the backward's accumulators and
-    two pipelined copies of the rows), then as many pipelined copies, 2 to 4, as fit."""
+    two pipelined copies of the rows), then as many pipelined copies, 2 to 4, as fit. No
+    setting takes more than :data:`BLOCK_SHARED_MEMORY`: the stages are capped."""
     kernel = "mosaic_layer_norm" if config.centered else "mosaic_rms_norm"
-    tuned = tuned_settings(kernel, jnp.dtype(dtype).name, config.features, stage)
+    width = 1 << max(0, (config.features - 1).bit_length())
+    tuned = tuned_settings(kernel, jnp.dtype(dtype).name, width, stage)
     backward = stage == "backward"
     registers = min(255, 32 + (5 if backward else 3) * config.features // LANES)
     fixed = config.features * 4 * (3 if backward else 2)
@@ -161,7 +169,8 @@ def _settings(config: MosaicRowConfig, dtype: Any, stage: str) -> tuple[int, int
     programs = PROGRAMS or tuned.get("programs") or per_sm * streaming_multiprocessors()
     programs = min(config.rows, programs)
     planned = max(2, min(4, (SHARED_MEMORY // per_sm - fixed) // row_bytes))
-    stages = STAGES or tuned.get("stages") or planned
+    fitting = max(1, (BLOCK_SHARED_MEMORY - fixed) // row_bytes)
+    stages = min(STAGES or tuned.get("stages") or planned, fitting)
     return programs, min(stages, pl.cdiv(config.rows, programs))
 
 
@@ -201,14 +210,23 @@ def _row_spec(config: MosaicRowConfig, program: Array, programs: int) -> Any:
 
 def _stage_parameters(pairs: tuple[tuple[Any, Any], ...], config: MosaicRowConfig) -> None:
     """Copies each ``(global, shared)`` pair of ``(N / 128, 128)`` parameters into shared
-    memory, in the shared layout (each thread later reads what it wrote)."""
+    memory, in the shared layout (each thread later reads what it wrote); every thread is
+    done with the staging copy before its memory is reused (:func:`release_slots`)."""
     def copy(_: Any, *staged: Any) -> None:
         for ref, (_, shared) in zip(staged, pairs):
             shared[...] = _in_layout(ref[...], config)
+        release_slots()
 
     spec = pl.BlockSpec((config.blocks, LANES), lambda i: (0, 0))
     plgpu.emit_pipeline(copy, grid=(1,), in_specs=[spec] * len(pairs))(
         *(global_ref for global_ref, _ in pairs))
+
+
+def release_slots() -> None:
+    """Ends a pipeline step: every thread of the warpgroup is done reading the step's
+    shared-memory slots (a fence and a warpgroup barrier), so the copy the pipeline issues
+    next into a slot cannot overwrite values a lagging warp still reads."""
+    plgpu.commit_smem()
 
 
 def _kernel(body: Any, out_type: Any, programs: int, config: MosaicRowConfig) -> Any:
@@ -245,6 +263,8 @@ def _forward(x: Array, scale: Array, bias: Array, config: MosaicRowConfig) -> Ar
                 @pl.when(row < config.rows)
                 def _store() -> None:
                     y_gmem[row] = y.astype(y_gmem.dtype)
+
+                release_slots()
 
             plgpu.emit_pipeline(step, grid=(steps,), in_specs=[_row_spec(config, program, programs)],
                                 max_concurrent_steps=stages)(x_gmem)
@@ -289,6 +309,8 @@ def _backward(x: Array, scale: Array, dy: Array, config: MosaicRowConfig
                     dx_gmem[row] = (dx * rstd).astype(dx_gmem.dtype)
                     dscale_smem[...] = _load(dscale_smem, config) + dy * x_hat
                     dbias_smem[...] = _load(dbias_smem, config) + dy
+
+                release_slots()
 
             spec = _row_spec(config, program, programs)
             plgpu.emit_pipeline(step, grid=(steps,), in_specs=[spec, spec],

@@ -29,9 +29,11 @@ MEASURED_ON = "not measured: the defaults of jaxnorm._pallas_common apply"
 """The run :data:`TUNED` comes from (device, JAX version, date, command)."""
 
 TUNED: list[dict] = []
-"""Entries ``{"kernel", "dtype", "width", "stage", "settings"}``; ``settings`` holds
-``tile`` (elements a tile), ``warps``, and ``partials`` (row kernels' backward programs) or
-``rows``/``programs`` (group kernels' most rows a tile, programs of the reducing kernels)."""
+"""Entries ``{"kernel", "dtype", "width", "stage", "settings"}``; for the Triton kernels
+``settings`` holds ``tile`` (elements a tile), ``warps``, and ``partials`` (row kernels'
+backward programs) or ``rows``/``programs`` (group kernels' most rows a tile, programs of
+the reducing kernels); for the Mosaic GPU ones (``"mosaic_<kernel>"``) ``programs``
+(rows: all; groups: per example), ``stages`` and, for groups, ``tile``."""
 
 
 MEASURED_FASTER: list[dict] = []
@@ -42,8 +44,9 @@ kernel's device time was below the XLA path's, forward and forward+backward, by 
 
 PREFERRED_BACKEND: list[dict] = []
 """Entries ``{"kernel", "dtype", "width", "backend"}``: the backend (``"triton"`` or
-``"mosaic_gpu"``) whose tuned kernel took less device time, forward+backward, on every
-case of that kernel, dtype and width."""
+``"mosaic_gpu"``) whose tuned kernel took less forward+backward device time relative to
+XLA's, summed over the cases of that kernel, dtype and width, among the backends whose
+kernel beat XLA there (if any did)."""
 
 
 def _nearest(entries: list[dict], width: int) -> dict:

@@ -299,11 +299,11 @@ def _mean_correction(dtype: Any, shape: tuple[int, ...], axes: tuple[int, ...]) 
     rounding off :math:`c`, which the output amplifies by :math:`1/\sqrt\epsilon`.
 
     - ``"none"``: half-precision rows of a power-of-two length up to 2**13 (float16) or
-      2**16 (bfloat16): the float32 sum is exact (11 or 8 significant bits each, 24 in
-      float32) and so is its product with :math:`1/n`.
-    - ``"snap"``: other half-precision rows up to those lengths: the sum is exact, and a
-      mean within :math:`2\epsilon_{32}|m|` of a value of the input's dtype is that value
-      (:func:`_snapped_mean`).
+      2**16 (bfloat16): a constant row's float32 sum is exact (11 or 8 significant bits
+      times at most 2**13 or 2**16, 24 in float32) and so is its product with :math:`1/n`.
+    - ``"snap"``: other half-precision rows up to those lengths: a constant row's float32
+      sum is exact, and a mean within :math:`2\epsilon_{32}|m|` of a value of the input's
+      dtype is that value (:func:`_snapped_mean`).
     - ``"refine"``: longer or float32 rows: a second sum refines the mean.
 
     Without refinement XLA:GPU fuses the rows' statistics and output into one kernel also

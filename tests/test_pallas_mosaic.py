@@ -22,8 +22,9 @@ from jaxnorm._pallas_mosaic_rows import MosaicRowConfig, mosaic_row_norm
 from tests import reference
 
 pytestmark = pytest.mark.skipif(
-    _pallas_mosaic_rows.plgpu is None or _pallas_mosaic_rows.InterpretGPUParams is None,
-    reason="this JAX lacks Mosaic GPU or its interpret mode")
+    _pallas_mosaic_rows.plgpu is None or _pallas_mosaic_rows.InterpretGPUParams is None
+    or not _pallas_mosaic_rows.available(),
+    reason="this JAX lacks Mosaic GPU or its interpret mode, or the GPU predates Hopper")
 
 EPS = 1e-5
 
@@ -124,11 +125,16 @@ def test_the_dispatcher_runs_mosaic_where_asked_and_triton_for_other_widths(
     monkeypatch.setenv("JAXNORM_PALLAS_BACKEND", "cuda")
     with pytest.raises(ValueError, match="JAXNORM_PALLAS_BACKEND.*'cuda'"):
         jaxnorm.rms_norm(x, implementation="pallas")
+    with pytest.raises(ValueError, match="JAXNORM_PALLAS_BACKEND.*'cuda'"):
+        jaxnorm.rms_norm(x)  # automatic selection too: a bad name is not silently ignored
     monkeypatch.delenv("JAXNORM_PALLAS_BACKEND")
+    monkeypatch.setattr(_pallas_tuning, "PREFERRED_BACKEND", [])
     assert _pallas_dispatch.kernel_backend(case, True) == "triton"
-    # without a choice, the backend measured faster near the case's width
+    # without a choice, on a GPU, the backend measured faster near the case's width
     monkeypatch.setattr(_pallas_tuning, "PREFERRED_BACKEND", [
         {"kernel": "layer_norm", "dtype": "float32", "width": 512, "backend": "mosaic_gpu"}])
+    assert _pallas_dispatch.kernel_backend(case, True) == "triton"  # interpreted: Triton
+    monkeypatch.setattr(_pallas_dispatch, "interpret_mode", lambda: False)
     assert _pallas_dispatch.kernel_backend(case, True) == "mosaic_gpu"
     assert _pallas_dispatch.kernel_backend(case, False) == "triton"
     far = dataclasses.replace(case, features=4096)
@@ -155,9 +161,11 @@ def test_rms_norm_module_under_vmap_and_jit(monkeypatch, three_programs) -> None
 
 @pytest.mark.parametrize("stage", ["forward", "backward"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_planned_settings_fit_an_sm(stage: str, dtype) -> None:
+def test_planned_settings_fit_an_sm(monkeypatch, stage: str, dtype) -> None:
     # Hopper: 227 KiB of shared memory a block, 64K registers an SM. The plan must fit one
     # program's parameters (and backward accumulators) and its pipelined row copies.
+    monkeypatch.setattr(_pallas_mosaic_rows, "streaming_multiprocessors", lambda: 132)
+    monkeypatch.setattr(_pallas_tuning, "TUNED", [])
     for features in range(128, _pallas_mosaic_rows.MAX_FEATURES + 1, 128):
         config = MosaicRowConfig(EPS, True, dtype, 100_000, features, interpret=False)
         programs, stages = _pallas_mosaic_rows._settings(config, dtype, stage)
@@ -166,6 +174,15 @@ def test_planned_settings_fit_an_sm(stage: str, dtype) -> None:
         assert 2 <= stages <= 4, (features, stages)
         assert fixed + stages * rows <= 227 * 1024, (features, stages)
         assert 132 <= programs <= 8 * 132, (features, programs)
+    # a measured (or forced) deeper pipeline is capped to what fits
+    monkeypatch.setattr(_pallas_tuning, "TUNED", [
+        {"kernel": "mosaic_layer_norm", "dtype": jnp.dtype(dtype).name, "width": 1024,
+         "stage": stage, "settings": {"stages": 4}}])
+    config = MosaicRowConfig(EPS, True, dtype, 100_000, 8192, interpret=False)
+    _, stages = _pallas_mosaic_rows._settings(config, dtype, stage)
+    fixed = 8192 * 4 * (3 if stage == "backward" else 2)
+    rows = 8192 * (jnp.dtype(dtype).itemsize + (4 if stage == "backward" else 0))
+    assert 1 <= stages and fixed + stages * rows <= 227 * 1024, stages
 
 
 def _group_reference(x, scale, bias, dy, batch: int, groups: int):
@@ -239,25 +256,37 @@ def test_group_constant_sets_give_exactly_bias_through_the_dispatcher(
 
 
 def test_no_races_between_copies_and_compute(monkeypatch, three_programs, small_tiles) -> None:
-    # Mosaic GPU interpret mode's happens-before race detector, over the pipelined copies
-    # and shared-memory accesses of every kernel: forward and backward, rows and groups.
+    # Mosaic GPU interpret mode's happens-before race detector (it simulates a warpgroup as
+    # one thread: it checks the pipelined copies against the shared-memory accesses, not
+    # the warps of a warpgroup against each other), after each kernel: the detector's
+    # state lives for one kernel call.
     gpu_callbacks = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.gpu_callbacks")
     params = _pallas_mosaic_rows.InterpretGPUParams(detect_races=True)
     for module in (_pallas_mosaic_rows, _pallas_mosaic_groups):
         monkeypatch.setattr(module, "InterpretGPUParams", lambda: params)
-    monkeypatch.setattr(_pallas_mosaic_groups, "TILE_ELEMENTS", 320)
+    monkeypatch.setattr(_pallas_mosaic_groups, "TILE_ELEMENTS", 256)
+
+    def race_free(value) -> None:
+        jax.block_until_ready(value)
+        assert not gpu_callbacks.get_races().races_found
+
     x = jax.random.normal(jax.random.key(6), (10, 256))
     config = MosaicRowConfig(EPS, True, jnp.float32, 10, 256, interpret=True)
-    y, pullback = jax.vjp(lambda *a: mosaic_row_norm(*a, config), x, jnp.ones(256),
-                          jnp.zeros(256))
-    jax.block_until_ready(pullback(y))
-    assert not gpu_callbacks.get_races().races_found
+    race_free(_pallas_mosaic_rows._forward(x, jnp.ones(256), jnp.zeros(256), config))
+    race_free(_pallas_mosaic_rows._backward(x, jnp.ones(256), x, config))
     x = jax.random.normal(jax.random.key(7), (32, 64))
-    config = MosaicGroupConfig(EPS, jnp.float32, 2, 16, 64, 8, interpret=True)
-    y, pullback = jax.vjp(lambda *a: mosaic_group_norm_rows(*a, config), x, jnp.ones(64),
-                          jnp.zeros(64))
-    jax.block_until_ready(pullback(y))
-    assert not gpu_callbacks.get_races().races_found
+    config = MosaicGroupConfig(EPS, jnp.float32, 2, 16, 64, 8, interpret=True, tile_elements=256,
+                               target_programs=2)
+    vectors = [jnp.ones((2, 64)), jnp.zeros((2, 64)), jnp.ones((2, 64))]
+    groups = _pallas_mosaic_groups
+    for step, streamed, count, accumulators, out in (
+            (groups._moments_step, [x], 1, 2, None),
+            (groups._normalize_step, [x], 4, 0, jnp.float32),
+            (groups._sums_step, [x, x], 3, 2, None),
+            (groups._dx_step, [x, x], 5, 0, jnp.float32)):
+        vector_tiles = (vectors * 2)[:count]
+        race_free(groups._elementwise_kernel(config, step, streamed, vector_tiles,
+                                             accumulators, out))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -172,6 +172,12 @@ def test_tuning_table_chooses_the_faster_backend() -> None:
     group = _case("group_norm", 320, (50.0, 150.0), [(60, 200), (40, 140)])
     group["variants"].append({"backend": "mosaic_gpu", "ok": False, "error": "not taken",
                               "fwd_us": float("inf"), "fwdbwd_us": float("inf")})
+    # Triton is faster in total but slower than XLA forward; Mosaic GPU beats XLA: Mosaic
+    rms = _case("rms_norm", 1024, (50.0, 150.0), [(55, 120)])
+    rms["variants"].append({"backend": "mosaic_gpu", "fwd_us": 45.0, "fwdbwd_us": 140.0,
+                            "ok": True})
+    assert tune.table_entries([rms])[2] == [
+        {"kernel": "rms_norm", "dtype": "float32", "width": 1024, "backend": "mosaic_gpu"}]
     tuned, faster, preferred = tune.table_entries([case, group])
     assert tuned == [
         _entry("group_norm", "float32", 512, "forward", tile=8192),
