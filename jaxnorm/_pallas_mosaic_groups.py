@@ -249,49 +249,29 @@ def _elementwise_kernel(config: MosaicGroupConfig, step: Step, streamed: Sequenc
       ``(output, partials)``: the output (or None) and, per accumulator, its final value
       in every program, ``(B, P, rows, C)``.
     """
-    batch, programs, tiles = config.batch, config.programs, config.tiles
     tile_shape = config.tile_shape
-    view = (batch, tiles, *tile_shape)
+    view = (config.batch, config.tiles, *tile_shape)
     replicated = [jnp.tile(v.astype(jnp.float32), config.rows).reshape(*v.shape[:-1], *tile_shape)
                   for v in vectors]
 
+    outputs = (1 if out_dtype is not None else 0) + accumulators
+
     def body(*refs: Any) -> None:
         streamed_refs = refs[:len(streamed)]
-        vector_refs = refs[len(streamed):len(streamed) + len(vectors)]
-        out_refs = refs[len(streamed) + len(vectors):]
+        vector_refs = refs[len(streamed):len(refs) - outputs]
+        out_refs = refs[len(refs) - outputs:]
+        output_ref = out_refs[0] if out_dtype is not None else None
+        partial_refs = out_refs[1:] if out_dtype is not None else out_refs
         program = lax.axis_index("programs")
-        example, share = program // programs, program % programs
 
         def scoped(*scratch: Any) -> None:
             vector_smem, accumulator_smem = scratch[:len(vectors)], scratch[len(vectors):]
-            _stage_vectors(vector_refs, vector_smem, example, config)
+            _stage_vectors(vector_refs, vector_smem, program // config.programs, config)
             zeros = _in_layout(jnp.zeros(tile_shape, jnp.float32), config)
             for accumulator in accumulator_smem:
                 accumulator[...] = zeros
-
-            def pipeline_step(indices: tuple[Array, ...], *tile_smem: Any) -> None:
-                tile = share + indices[0] * programs
-                output, updated = step(
-                    indices[0], [_load(t, config) for t in tile_smem],
-                    [_load(v, config) for v in vector_smem],
-                    [_load(a, config) for a in accumulator_smem])
-
-                @pl.when(tile < tiles)
-                def _store() -> None:
-                    if output is not None:
-                        out_refs[0][example, tile] = output.astype(out_refs[0].dtype)
-                    for accumulator, value in zip(accumulator_smem, updated):
-                        accumulator[...] = value
-
-                release_slots()
-
-            spec = pl.BlockSpec((None, None, *tile_shape),
-                                lambda j: (example, jnp.minimum(share + j * programs, tiles - 1),
-                                           0, 0))
-            plgpu.emit_pipeline(pipeline_step, grid=(config.steps,),
-                                in_specs=[spec] * len(streamed),
-                                max_concurrent_steps=min(config.stages, config.steps))(*streamed_refs)
-            partial_refs = out_refs[1:] if out_dtype is not None else out_refs
+            _pipeline(config, step, len(streamed), program, vector_smem, accumulator_smem,
+                      output_ref)(*streamed_refs)
             for partial, accumulator in zip(partial_refs, accumulator_smem):
                 partial[program] = _load(accumulator, config)
 
@@ -299,17 +279,52 @@ def _elementwise_kernel(config: MosaicGroupConfig, step: Step, streamed: Sequenc
                                 for _ in range(len(vectors) + accumulators)])
 
     out_type = [jax.ShapeDtypeStruct(view, out_dtype)] if out_dtype is not None else []
-    out_type += [jax.ShapeDtypeStruct((batch * programs, *tile_shape), jnp.float32)
-                 for _ in range(accumulators)]
-    outputs = plgpu.kernel(
-        body, out_type=tuple(out_type), grid=(batch * programs,), grid_names=("programs",),
+    out_type += [jax.ShapeDtypeStruct((config.batch * config.programs, *tile_shape),
+                                      jnp.float32)] * accumulators
+    results = plgpu.kernel(
+        body, out_type=tuple(out_type), grid=(config.batch * config.programs,),
+        grid_names=("programs",),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=InterpretGPUParams() if config.interpret else None,
     )(*(a.reshape(view) for a in streamed), *replicated)
-    output = outputs[0].reshape(batch * config.spatial, config.channels) if out_dtype else None
-    partials = outputs[1:] if out_dtype is not None else outputs
-    shape = (batch, programs, config.rows, config.channels)
+    output = results[0].reshape(-1, config.channels) if out_dtype is not None else None
+    partials = results[1:] if out_dtype is not None else results
+    shape = (config.batch, config.programs, config.rows, config.channels)
     return output, [p.reshape(shape) for p in partials]
+
+
+def _pipeline(config: MosaicGroupConfig, step: Step, streams: int, program: Array,
+              vector_smem: Sequence[Any], accumulator_smem: Sequence[Any],
+              output_ref: Any | None) -> Callable[..., Any]:
+    r"""The pipeline of one program over its example's tiles :math:`k, k + P, \dots` of
+    ``streams`` inputs: each step runs ``step`` on the tiles, stores its output (if any)
+    and keeps its accumulators where the tile exists (the clamped one past the end is
+    read, never used)."""
+    programs, tiles = config.programs, config.tiles
+    example, share = program // programs, program % programs
+
+    def pipeline_step(indices: tuple[Array, ...], *tile_smem: Any) -> None:
+        tile = share + indices[0] * programs
+        output, updated = step(indices[0], [_load(t, config) for t in tile_smem],
+                               [_load(v, config) for v in vector_smem],
+                               [_load(a, config) for a in accumulator_smem])
+
+        @pl.when(tile < tiles)
+        def _store() -> None:
+            if output is not None:
+                output_ref[example, tile] = output.astype(output_ref.dtype)
+            for accumulator, value in zip(accumulator_smem, updated):
+                accumulator[...] = value
+
+        release_slots()
+
+    def tile_index(j: Array) -> tuple[Array, ...]:
+        return example, jnp.minimum(share + j * programs, tiles - 1), 0, 0
+
+    spec = pl.BlockSpec((None, None, *config.tile_shape), tile_index)
+    return plgpu.emit_pipeline(pipeline_step, grid=(config.steps,),
+                               in_specs=[spec] * streams,
+                               max_concurrent_steps=min(config.stages, config.steps))
 
 
 def _stage_vectors(vector_refs: Sequence[Any], vector_smem: Sequence[Any], example: Array,
