@@ -198,6 +198,9 @@ def test_gpu_check_script_cpu_path(tmp_path: pathlib.Path) -> None:
     assert module.main([str(out), "--tiny", "--dtypes", "float32"]) == 0
     results = json.loads(out.read_text())
     assert results["cases"] and all(case["ok"] for case in results["cases"]), results
+    # each case records the backend the dispatcher planned (Triton here: pinned above)
+    assert {case["backend"] for case in results["cases"]} == {"triton"}
+    assert results["environment"]["kernel_backend"] == "default"
 
 
 def _group_reference(x, scale, bias, dy, groups: int):
