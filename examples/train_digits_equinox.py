@@ -153,8 +153,8 @@ def train(library: str, data: Any, epochs: int, batch_size: int, seed: int) -> d
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The comparison as a plain-text table."""
-    lines = [f"{'library':<18}{'test acc':>10}{'train loss':>12}{'steps':>7}"
-             f"{'compile s':>11}{'ms/step':>9}"]
+    lines = [(f"{'library':<18}{'test acc':>10}{'train loss':>12}{'steps':>7}"
+              f"{'compile s':>11}{'ms/step':>9}")]
     for row in rows:
         lines.append(f"{row['library']:<18}{100 * row['test_accuracy']:>9.1f}%"
                      f"{row['train_loss']:>12.4f}{row['steps']:>7}"
